@@ -1,0 +1,116 @@
+"""Gateway configuration: one YAML file, then environment overrides.
+
+Example (``gateway/config.example.yaml`` has every key with comments)::
+
+    triton:
+      urls: [http://127.0.0.1:8000]
+    models:
+      smollm2-135m-instruct:
+        triton_model: smollm2-135m-instruct
+        tokenizer: /var/lib/llm/models/smollm2-135m-instruct
+        defaults: {temperature: 0.7, max_tokens: 256}
+
+Environment overrides: ``GATEWAY_CONFIG`` (file path), ``GATEWAY_HOST``, ``GATEWAY_PORT``,
+``GATEWAY_TRITON_URL`` (comma-separated), ``GATEWAY_API_KEY`` (or ``GATEWAY_API_KEY_FILE``).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
+
+
+class SamplingDefaults(BaseModel):
+    """Used when a request leaves a field out."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_tokens: int = Field(default=256, ge=1)
+    temperature: float | None = Field(default=None, ge=0.0, le=2.0)
+    top_p: float | None = Field(default=None, gt=0.0, le=1.0)
+    top_k: int | None = Field(default=None, ge=0)
+    repetition_penalty: float | None = Field(default=None, gt=0.0)
+
+
+class ModelSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    triton_model: str = Field(min_length=1)
+    tokenizer: Path
+    defaults: SamplingDefaults = SamplingDefaults()
+    # Prompt + completion limit; taken from the tokenizer/model config when not set.
+    context_length: int | None = Field(default=None, ge=1)
+
+
+class TritonSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    urls: list[str] = Field(default_factory=lambda: ["http://127.0.0.1:8000"], min_length=1)
+    connect_timeout_s: float = Field(default=5.0, gt=0)
+    # Longest silence between two pieces of one answer before the request fails.
+    read_timeout_s: float = Field(default=300.0, gt=0)
+    max_connections: int = Field(default=256, ge=1)
+
+    @field_validator("urls")
+    @classmethod
+    def _strip_slash(cls, urls: list[str]) -> list[str]:
+        for url in urls:
+            if not url.startswith(("http://", "https://")):
+                raise ValueError(f"Triton URL must start with http:// or https://: {url!r}")
+        return [u.rstrip("/") for u in urls]
+
+
+class GatewaySettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    host: str = "127.0.0.1"
+    port: int = Field(default=9000, ge=1, le=65535)
+    api_key: SecretStr | None = None
+    triton: TritonSettings = TritonSettings()
+    models: dict[str, ModelSettings] = Field(min_length=1)
+    log_requests: bool = False
+
+
+class ConfigError(ValueError):
+    """The configuration file or an override is wrong; the message says where."""
+
+
+def load_settings(path: Path | None = None, env: Mapping[str, str] | None = None) -> GatewaySettings:
+    env = os.environ if env is None else env
+    path = path or (Path(env["GATEWAY_CONFIG"]) if env.get("GATEWAY_CONFIG") else None)
+    if path is None:
+        raise ConfigError("no configuration: pass --config FILE or set GATEWAY_CONFIG")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except OSError as exc:
+        raise ConfigError(f"cannot read {path}: {exc.strerror}") from exc
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path} is not valid YAML: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+
+    if env.get("GATEWAY_HOST"):
+        raw["host"] = env["GATEWAY_HOST"]
+    if env.get("GATEWAY_PORT"):
+        raw["port"] = env["GATEWAY_PORT"]
+    if env.get("GATEWAY_TRITON_URL"):
+        raw.setdefault("triton", {})["urls"] = [u.strip() for u in env["GATEWAY_TRITON_URL"].split(",") if u.strip()]
+    if env.get("GATEWAY_API_KEY_FILE"):
+        raw["api_key"] = Path(env["GATEWAY_API_KEY_FILE"]).read_text().strip()
+    if env.get("GATEWAY_API_KEY"):
+        raw["api_key"] = env["GATEWAY_API_KEY"]
+    if raw.get("api_key") == "":
+        raw["api_key"] = None
+    # Relative tokenizer folders are relative to the config file.
+    for model in (raw.get("models") or {}).values():
+        if isinstance(model, dict) and model.get("tokenizer"):
+            tok = Path(model["tokenizer"])
+            model["tokenizer"] = tok if tok.is_absolute() else (path.parent / tok)
+    try:
+        return GatewaySettings.model_validate(raw)
+    except ValueError as exc:
+        raise ConfigError(f"{path}: {exc}") from exc

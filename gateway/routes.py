@@ -1,0 +1,77 @@
+"""Thin HTTP routers: parse, call ``Serving``, wrap the result in a response."""
+
+from __future__ import annotations
+
+import hmac
+from collections.abc import AsyncIterator
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from gateway.errors import UpstreamUnavailable, unauthorized
+from gateway.protocol import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList
+from gateway.serving import Serving
+
+JSON = "application/json"
+_SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+def serving(request: Request) -> Serving:
+    return request.app.state.serving  # type: ignore[no-any-return]
+
+
+def check_api_key(request: Request) -> None:
+    key = request.app.state.api_key
+    if key is None:
+        return
+    header = request.headers.get("authorization", "")
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), key):
+        raise unauthorized()
+
+
+def _answer(result: bytes | AsyncIterator[bytes]) -> Response:
+    if isinstance(result, bytes):
+        return Response(result, media_type=JSON)
+    return StreamingResponse(result, media_type="text/event-stream", headers=_SSE_HEADERS)
+
+
+v1 = APIRouter(prefix="/v1", dependencies=[Depends(check_api_key)])
+
+
+@v1.post("/chat/completions", response_model=None)
+async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
+    return _answer(await serving(request).chat(body))
+
+
+@v1.post("/completions", response_model=None)
+async def completions(body: CompletionRequest, request: Request) -> Response:
+    return _answer(await serving(request).completion(body))
+
+
+@v1.get("/models")
+async def list_models(request: Request) -> ModelList:
+    return serving(request).model_list()
+
+
+@v1.get("/models/{model_id:path}")
+async def get_model(model_id: str, request: Request) -> ModelCard:
+    return serving(request).model_card(model_id)
+
+
+ops = APIRouter()
+
+
+@ops.get("/health")
+async def health(request: Request) -> Response:
+    states = await serving(request).health()
+    not_ready = sorted(name for name, ok in states.items() if not ok)
+    if not_ready:
+        raise UpstreamUnavailable(f"not ready: {', '.join(not_ready)}")
+    return Response(b'{"status":"ok"}', media_type=JSON)
+
+
+@ops.get("/metrics")
+async def metrics(request: Request) -> Response:
+    return Response(generate_latest(serving(request).metrics.registry), media_type=CONTENT_TYPE_LATEST)

@@ -1,0 +1,48 @@
+"""The served model's own tokenizer: chat template and token counts (no torch needed)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from gateway.errors import invalid_request
+
+# Tokenizers without a limit report a huge sentinel as model_max_length.
+_NO_LIMIT = 10**8
+
+
+class ChatTokenizer:
+    def __init__(self, folder: Path) -> None:
+        from transformers import AutoTokenizer
+
+        self.folder = folder
+        self.tokenizer: Any = AutoTokenizer.from_pretrained(str(folder))
+        # The Rust tokenizer directly: no Python-side special-token handling per call.
+        self._fast = getattr(self.tokenizer, "backend_tokenizer", None) or getattr(self.tokenizer, "_tokenizer", None)
+        if not getattr(self.tokenizer, "chat_template", None):
+            raise ValueError(f"tokenizer in {folder} has no chat template")
+
+    def context_length(self) -> int | None:
+        limit = int(getattr(self.tokenizer, "model_max_length", 0) or 0)
+        if 0 < limit < _NO_LIMIT:
+            return limit
+        config = self.folder / "config.json"
+        if config.exists():
+            value = json.loads(config.read_text()).get("max_position_embeddings")
+            return int(value) if value else None
+        return None
+
+    def chat_prompt(self, messages: Sequence[dict[str, str]]) -> str:
+        try:
+            return str(
+                self.tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True)
+            )
+        except Exception as exc:  # jinja's TemplateError and friends: the messages don't fit the template
+            raise invalid_request(f"messages do not fit the model's chat template: {exc}", param="messages") from exc
+
+    def count(self, text: str) -> int:
+        if self._fast is not None:
+            return len(self._fast.encode(text, add_special_tokens=False).ids)
+        return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])

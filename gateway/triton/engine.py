@@ -1,0 +1,192 @@
+"""``Engine`` on Triton Inference Server over HTTP.
+
+Generation goes through Triton's ``generate`` / ``generate_stream`` endpoints on one pooled
+keep-alive ``aiohttp`` session; health, readiness and model configs through
+``tritonclient.http.aio``. Closing a stream early closes its connection, which is how Triton
+learns that the client is gone and cancels the request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from collections.abc import AsyncIterator, Mapping
+from typing import Any
+
+import aiohttp
+import orjson
+import tritonclient.http.aio as triton_http
+from tritonclient.utils import InferenceServerException
+
+from gateway.config import TritonSettings
+from gateway.engine import GenerationChunk, GenerationRequest
+from gateway.errors import UpstreamError, UpstreamUnavailable
+from gateway.triton.dialects import Dialect, UnknownDialect, detect
+
+_JSON = {"Content-Type": "application/json"}
+_DATA = b"data: "
+SERVER = "<server>"
+
+
+def _error_message(body: bytes) -> str:
+    """Triton's ``{"error": "..."}`` (plain or as an SSE event) → its message."""
+    text = body.strip()
+    if text.startswith(_DATA):
+        text = text[len(_DATA) :].strip()
+    try:
+        return str(orjson.loads(text).get("error", text.decode(errors="replace")))
+    except (orjson.JSONDecodeError, AttributeError):
+        return text.decode(errors="replace")[:500] or "empty reply"
+
+
+class TritonEngine:
+    def __init__(self, settings: TritonSettings, models: Mapping[str, str]) -> None:
+        """``models`` maps each served model name to its Triton model name."""
+        self.settings = settings
+        self.models = dict(models)
+        self._urls = itertools.cycle(settings.urls)
+        self._dialects: dict[tuple[str, str], Dialect] = {}
+        self._session: aiohttp.ClientSession | None = None
+        self._admin: dict[str, triton_http.InferenceServerClient] = {}
+
+    # ------------------------------------------------------------------ plumbing
+
+    @property
+    def session(self) -> aiohttp.ClientSession:
+        if self._session is None or self._session.closed:
+            self._session = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(limit=self.settings.max_connections, keepalive_timeout=60),
+                timeout=aiohttp.ClientTimeout(
+                    total=None,
+                    sock_connect=self.settings.connect_timeout_s,
+                    sock_read=self.settings.read_timeout_s,
+                ),
+                # Responses are read as raw bytes; skip aiohttp's cookie and redirect work.
+                cookie_jar=aiohttp.DummyCookieJar(),
+                auto_decompress=False,
+            )
+        return self._session
+
+    def admin(self, url: str) -> triton_http.InferenceServerClient:
+        if url not in self._admin:
+            self._admin[url] = triton_http.InferenceServerClient(
+                url.split("://", 1)[1], conn_timeout=self.settings.connect_timeout_s
+            )
+        return self._admin[url]
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+        for client in self._admin.values():
+            await client.close()
+        self._admin.clear()
+
+    # ------------------------------------------------------------------ readiness
+
+    async def _ready_at(self, url: str, triton_models: list[str]) -> dict[str, bool]:
+        client = self.admin(url)
+        try:
+            server = await client.is_server_ready()
+            states = await asyncio.gather(*(client.is_model_ready(m) for m in triton_models))
+        except (InferenceServerException, aiohttp.ClientError, asyncio.TimeoutError, OSError):
+            return {SERVER: False, **{m: False for m in triton_models}}
+        return {SERVER: bool(server), **dict(zip(triton_models, map(bool, states), strict=True))}
+
+    async def ready(self, models: list[str]) -> dict[str, bool]:
+        """Served model → ready on at least one Triton; ``<server>`` → some Triton is ready."""
+        triton_models = sorted({self.models[m] for m in models})
+        per_url = await asyncio.gather(*(self._ready_at(u, triton_models) for u in self.settings.urls))
+        result = {SERVER: any(r[SERVER] for r in per_url)}
+        for model in models:
+            result[model] = any(r[self.models[model]] for r in per_url)
+        return result
+
+    async def dialect(self, url: str, triton_model: str) -> Dialect:
+        key = (url, triton_model)
+        if key not in self._dialects:
+            try:
+                config = await self.admin(url).get_model_config(triton_model)
+            except InferenceServerException as exc:
+                if "connect" in str(exc).lower() or exc.status() is None:
+                    raise UpstreamUnavailable(f"Triton at {url} is unreachable: {exc.message()}") from exc
+                raise UpstreamError(f"Triton model {triton_model!r}: {exc.message()}") from exc
+            except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+                raise UpstreamUnavailable(f"Triton at {url} is unreachable: {exc}") from exc
+            try:
+                self._dialects[key] = detect(config)
+            except UnknownDialect as exc:
+                raise UpstreamError(str(exc)) from exc
+        return self._dialects[key]
+
+    # ------------------------------------------------------------------ generation
+
+    async def _open(self, triton_model: str, req: GenerationRequest) -> tuple[aiohttp.ClientResponse, Dialect]:
+        """POST to the first Triton that answers; fail over on connection errors."""
+        last: Exception | None = None
+        for _ in range(len(self.settings.urls)):
+            url = next(self._urls)
+            try:
+                dialect = await self.dialect(url, triton_model)
+                endpoint = "generate_stream" if req.stream else "generate"
+                resp = await self.session.post(
+                    f"{url}/v2/models/{triton_model}/{endpoint}",
+                    data=orjson.dumps(dialect.payload(req)),
+                    headers=_JSON,
+                )
+            except UpstreamUnavailable as exc:
+                last = exc
+                continue
+            except (aiohttp.ClientConnectionError, asyncio.TimeoutError, OSError) as exc:
+                last = UpstreamUnavailable(f"Triton at {url} is unreachable: {exc}")
+                continue
+            return resp, dialect
+        assert last is not None
+        raise last
+
+    async def generate(self, model: str, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
+        triton_model = self.models[model]
+        resp, dialect = await self._open(triton_model, request)
+        parse = dialect.parser(request)
+        done = False
+        try:
+            if resp.status != 200:
+                message = _error_message(await resp.read())
+                raise UpstreamError(f"Triton rejected the request for {triton_model!r}: {message}")
+            if not request.stream:
+                event = orjson.loads(await resp.read())
+                chunk = parse(event)
+                if chunk is not None:
+                    yield chunk
+                done = True
+                return
+            async for line in resp.content:
+                if not line.startswith(_DATA):
+                    continue
+                event = orjson.loads(line[6:])
+                if "error" in event:
+                    raise UpstreamError(f"Triton failed midway: {event['error']}")
+                chunk = parse(event)
+                if chunk is not None:
+                    yield chunk
+            done = True
+        except (aiohttp.ClientPayloadError, aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as exc:
+            raise UpstreamError(f"Triton broke off the answer: {exc!r}") from exc
+        except asyncio.TimeoutError as exc:
+            raise UpstreamError(
+                f"Triton sent nothing for {self.settings.read_timeout_s:.0f} s (read_timeout_s)"
+            ) from exc
+        except orjson.JSONDecodeError as exc:
+            raise UpstreamError(f"Triton sent something that is not JSON: {exc}") from exc
+        finally:
+            if done:
+                resp.release()
+            else:
+                # Closing (not releasing) drops the connection: Triton cancels the request.
+                resp.close()
+
+
+def model_config_summary(config: Mapping[str, Any]) -> str:
+    """One line naming a model's tensors, for logs."""
+    ins = ", ".join(t["name"] for t in config.get("input", []))
+    outs = ", ".join(t["name"] for t in config.get("output", []))
+    return f"{config.get('name')}: backend={config.get('backend') or config.get('platform')} in=[{ins}] out=[{outs}]"

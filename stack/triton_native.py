@@ -1,0 +1,249 @@
+"""Run the real ``tritonserver`` binary that ships inside the ``nvidia-pytriton`` wheel.
+
+The wheel carries Triton 2.51, its shared libraries (``nvidia_pytriton.libs/``), the
+Python backend and one Python-backend stub per interpreter version. Triton wants a
+backend folder holding ``libtriton_python.so`` *and* the stub of the interpreter that
+will run ``model.py``, so we assemble one in a cache folder and point Triton at it.
+This is the runtime of the CPU profile, of CI and of ``make serve``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import sysconfig
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from stack.paths import cache_dir
+
+
+class TritonError(RuntimeError):
+    """Triton could not be found, started, or made ready."""
+
+
+@dataclass(frozen=True)
+class TritonInstall:
+    """Where the pieces of the wheel's Triton live."""
+
+    binary: Path
+    libs: Path
+    python_backend: Path
+    stub: Path
+
+    @classmethod
+    def locate(cls, python_version: str | None = None) -> TritonInstall:
+        """Find the wheel's tritonserver and the stub for ``python_version`` (default: ours)."""
+        try:
+            import pytriton
+        except ImportError as exc:  # pragma: no cover - depends on the environment
+            raise TritonError(
+                "nvidia-pytriton is not installed: run `make setup` "
+                "(pip install nvidia-pytriton==0.7.0)"
+            ) from exc
+        root = Path(pytriton.__file__).parent / "tritonserver"
+        version = python_version or f"{sys.version_info.major}.{sys.version_info.minor}"
+        install = cls(
+            binary=root / "bin" / "tritonserver",
+            libs=root.parent.parent / "nvidia_pytriton.libs",
+            python_backend=root / "backends" / "python",
+            stub=root / "python_backend_stubs" / version / "triton_python_backend_stub",
+        )
+        for path in (install.binary, install.libs, install.python_backend, install.stub):
+            if not path.exists():
+                raise TritonError(f"incomplete nvidia-pytriton install: {path} is missing")
+        return install
+
+    def backend_dir(self, dest: Path | None = None) -> Path:
+        """A backend folder with the Python backend plus the matching stub (cached)."""
+        dest = dest or cache_dir() / "triton-backends"
+        python_dir = dest / "python"
+        stub_dest = python_dir / "triton_python_backend_stub"
+        if stub_dest.exists() and stub_dest.stat().st_size == self.stub.stat().st_size:
+            return dest
+        tmp = dest.with_name(dest.name + f".tmp{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(self.python_backend, tmp / "python", ignore=shutil.ignore_patterns("__pycache__"))
+        shutil.copy2(self.stub, tmp / "python" / "triton_python_backend_stub")
+        shutil.rmtree(dest, ignore_errors=True)
+        tmp.rename(dest)
+        return dest
+
+
+def _python_env() -> dict[str, str]:
+    """Environment that lets the stub's embedded Python import our venv's packages."""
+    site_packages = sysconfig.get_paths()["purelib"]
+    libdir = sysconfig.get_config_var("LIBDIR") or ""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (site_packages, env.get("PYTHONPATH", "")) if p)
+    env["_TRITON_LIBPYTHON_DIR"] = libdir
+    return env
+
+
+@dataclass
+class TritonServer:
+    """One tritonserver process: ``start()``, ``wait_ready()``, ``stop()`` (or use ``with``)."""
+
+    model_repository: Path
+    http_port: int = 8000
+    grpc_port: int = 8001
+    metrics_port: int = 8002
+    host: str = "127.0.0.1"
+    log_file: Path | None = None
+    extra_args: Sequence[str] = ()
+    env: dict[str, str] = field(default_factory=dict)
+    install: TritonInstall | None = None
+    process: subprocess.Popen[bytes] | None = field(default=None, init=False)
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.http_port}"
+
+    def command(self) -> list[str]:
+        install = self.install or TritonInstall.locate()
+        return [
+            str(install.binary),
+            f"--model-repository={self.model_repository}",
+            f"--backend-directory={install.backend_dir()}",
+            f"--http-address={self.host}",
+            f"--http-port={self.http_port}",
+            f"--grpc-address={self.host}",
+            f"--grpc-port={self.grpc_port}",
+            f"--metrics-address={self.host}",
+            f"--metrics-port={self.metrics_port}",
+            # A model that fails to load should fail the start loudly, not half-serve.
+            "--exit-on-error=true",
+            "--strict-readiness=true",
+            *self.extra_args,
+        ]
+
+    def environment(self) -> dict[str, str]:
+        install = self.install or TritonInstall.locate()
+        env = _python_env()
+        libpython = env.pop("_TRITON_LIBPYTHON_DIR")
+        env["LD_LIBRARY_PATH"] = os.pathsep.join(
+            p for p in (str(install.libs), libpython, env.get("LD_LIBRARY_PATH", "")) if p
+        )
+        env.update(self.env)
+        return env
+
+    def start(self) -> TritonServer:
+        if self.process and self.process.poll() is None:
+            return self
+        self.install = self.install or TritonInstall.locate()
+        log_file = self.log_file or cache_dir() / "logs" / f"triton-{self.http_port}.log"
+        log_file.parent.mkdir(parents=True, exist_ok=True)
+        self.log_file = log_file
+        with log_file.open("ab") as log:
+            self.process = subprocess.Popen(
+                self.command(),
+                env=self.environment(),
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                # Own process group: Ctrl-C in a terminal reaches us, and we stop Triton cleanly.
+                start_new_session=True,
+            )
+        return self
+
+    def log_tail(self, lines: int = 30) -> str:
+        if not self.log_file or not self.log_file.exists():
+            return ""
+        return "\n".join(self.log_file.read_text(errors="replace").splitlines()[-lines:])
+
+    def is_ready(self, models: Sequence[str] = ()) -> bool:
+        paths = ["/v2/health/ready", *(f"/v2/models/{m}/ready" for m in models)]
+        try:
+            for path in paths:
+                with urllib.request.urlopen(self.url + path, timeout=2) as resp:
+                    if resp.status != 200:
+                        return False
+        except (urllib.error.URLError, OSError):
+            return False
+        return True
+
+    def wait_ready(self, models: Sequence[str] = (), timeout: float = 180.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process is not None and self.process.poll() is not None:
+                raise TritonError(
+                    f"tritonserver exited with code {self.process.returncode} while starting; "
+                    f"log tail ({self.log_file}):\n{self.log_tail()}"
+                )
+            if self.is_ready(models):
+                return
+            time.sleep(0.2)
+        raise TritonError(
+            f"tritonserver not ready after {timeout:.0f}s (models: {', '.join(models) or '-'}); "
+            f"log tail ({self.log_file}):\n{self.log_tail()}"
+        )
+
+    def stop(self, timeout: float = 30.0) -> None:
+        proc = self.process
+        if proc is None or proc.poll() is not None:
+            return
+        # SIGTERM lets Triton unload models (and their stub processes) before it exits.
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+    def __enter__(self) -> TritonServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+@contextlib.contextmanager
+def running(model_repository: Path, models: Sequence[str] = (), **kwargs: object) -> Iterator[TritonServer]:
+    """Start Triton, wait for ``models``, yield it, and always stop it."""
+    server = TritonServer(model_repository, **kwargs)  # type: ignore[arg-type]
+    try:
+        server.start()
+        server.wait_ready(models)
+        yield server
+    finally:
+        server.stop()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Run the native tritonserver from nvidia-pytriton.")
+    parser.add_argument("--model-repository", type=Path, required=True)
+    parser.add_argument("--host", default=os.environ.get("TRITON_HOST", "127.0.0.1"))
+    parser.add_argument("--http-port", type=int, default=int(os.environ.get("TRITON_HTTP_PORT", 8000)))
+    parser.add_argument("--grpc-port", type=int, default=int(os.environ.get("TRITON_GRPC_PORT", 8001)))
+    parser.add_argument("--metrics-port", type=int, default=int(os.environ.get("TRITON_METRICS_PORT", 8002)))
+    parser.add_argument("--print-command", action="store_true", help="print the command line and exit")
+    args, extra = parser.parse_known_args(argv)
+    server = TritonServer(
+        args.model_repository.resolve(),
+        http_port=args.http_port,
+        grpc_port=args.grpc_port,
+        metrics_port=args.metrics_port,
+        host=args.host,
+        extra_args=extra,
+    )
+    if args.print_command:
+        print(" ".join(server.command()))
+        return 0
+    # In the foreground (systemd, a terminal): become tritonserver, so signals go straight to it.
+    env = server.environment()
+    cmd = server.command()
+    os.execve(cmd[0], cmd, env)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
