@@ -36,7 +36,9 @@ async def _validation_error(_: Request, exc: Exception) -> Response:
     first = errors[0] if errors else {"msg": "invalid request", "loc": ()}
     loc = tuple(first.get("loc", ()))
     if first.get("type") == "json_invalid":
-        return _error_response(APIError(400, f"Invalid JSON body: {first.get('ctx', {}).get('error', '')}".strip()))
+        ctx = first.get("ctx") or {}
+        detail = ctx.get("error", "") if isinstance(ctx, dict) else ""
+        return _error_response(APIError(400, f"Invalid JSON body: {detail}".strip()))
     param = param_from_loc(loc)
     message = str(first.get("msg", "invalid value"))
     if param:

@@ -38,9 +38,7 @@ def invalid_request(message: str, param: str | None = None, code: str | None = N
 
 
 def model_not_found(model: str) -> APIError:
-    return APIError(
-        404, f"The model '{model}' does not exist", param="model", code="model_not_found"
-    )
+    return APIError(404, f"The model '{model}' does not exist", param="model", code="model_not_found")
 
 
 def unauthorized() -> APIError:

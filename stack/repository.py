@@ -17,7 +17,8 @@ def render_llm_config(model_path: Path, device: str = "auto") -> str:
     text = (LLM_TEMPLATE / "config.pbtxt").read_text()
     for key, value in (("model_path", str(model_path)), ("device", device)):
         pattern = rf'(key: "{key}", value: {{ string_value: )"[^"]*"'
-        text, count = re.subn(pattern, lambda m, v=value: f'{m.group(1)}"{v}"', text)
+        replacement = f'\\g<1>"{value}"'
+        text, count = re.subn(pattern, replacement, text)
         if count != 1:
             raise ValueError(f"llm config template has no single parameter {key!r}")
     return text

@@ -61,8 +61,13 @@ def main() -> int:
             flush=True,
         )
         uvicorn.run(
-            create_app(settings), host=settings.host, port=settings.port,
-            loop="uvloop", http="httptools", access_log=False, timeout_graceful_shutdown=5,
+            create_app(settings),
+            host=settings.host,
+            port=settings.port,
+            loop="uvloop",
+            http="httptools",
+            access_log=False,
+            timeout_graceful_shutdown=5,
         )
     except TritonError as exc:
         print(f"serve: {exc}", file=sys.stderr)

@@ -57,8 +57,12 @@ def main() -> int:
         finishes: list[str] = []
         first_at = None
         stream = client.chat.completions.create(
-            model=model, messages=[{"role": "user", "content": QUESTION}], max_tokens=32, temperature=0,
-            stream=True, stream_options={"include_usage": True},
+            model=model,
+            messages=[{"role": "user", "content": QUESTION}],
+            max_tokens=32,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
         )
         for chunk in stream:
             for choice in chunk.choices:

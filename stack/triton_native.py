@@ -47,8 +47,7 @@ class TritonInstall:
             import pytriton
         except ImportError as exc:  # pragma: no cover - depends on the environment
             raise TritonError(
-                "nvidia-pytriton is not installed: run `make setup` "
-                "(pip install nvidia-pytriton==0.7.0)"
+                "nvidia-pytriton is not installed: run `make setup` (pip install nvidia-pytriton==0.7.0)"
             ) from exc
         root = Path(pytriton.__file__).parent / "tritonserver"
         version = python_version or f"{sys.version_info.major}.{sys.version_info.minor}"

@@ -251,8 +251,14 @@ class TritonPythonModel:
 
     # ------------------------------------------------------------------ generation
 
-    def _next_token(self, logits: torch.Tensor, seen: torch.Tensor, counts: torch.Tensor,
-                    s: Sampling, generator: torch.Generator | None) -> int:
+    def _next_token(
+        self,
+        logits: torch.Tensor,
+        seen: torch.Tensor,
+        counts: torch.Tensor,
+        s: Sampling,
+        generator: torch.Generator | None,
+    ) -> int:
         if s.repetition_penalty != 1.0:
             # HF/CTRL semantics: over prompt and output, shrink positive logits, grow negative.
             picked = logits[seen]
@@ -274,8 +280,7 @@ class TritonPythonModel:
         probs = torch.softmax(logits, dim=-1)
         return int(torch.multinomial(probs, 1, generator=generator))
 
-    def _generate(self, sender: Any, ids: list[int], s: Sampling, stops: list[str],
-                  stream: bool, echo: str) -> None:
+    def _generate(self, sender: Any, ids: list[int], s: Sampling, stops: list[str], stream: bool, echo: str) -> None:
         generator = None
         if s.temperature != 0 and s.top_k != 1:
             generator = torch.Generator(device=self.device)
