@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -35,7 +36,14 @@ def write_gateway_config(path: Path, triton_url: str, models: dict[str, Path]) -
     return path
 
 
+def _exit_on_sigterm(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)
+
+
 def main() -> int:
+    # uvicorn re-raises SIGTERM after its own shutdown; as SystemExit it still lets the
+    # `finally` below stop Triton (the default action would kill us first).
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     env = os.environ
     http_port = int(env.get("TRITON_HTTP_PORT", 8000))

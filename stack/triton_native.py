@@ -14,6 +14,7 @@ import contextlib
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import sysconfig
@@ -83,6 +84,11 @@ def _python_env() -> dict[str, str]:
     site_packages = sysconfig.get_paths()["purelib"]
     libdir = sysconfig.get_config_var("LIBDIR") or ""
     env = dict(os.environ)
+    # The stub's embedded Python finds its prefix through the `python3` on PATH: put ours
+    # first (a venv that was never activated would otherwise not be seen at all).
+    env["PATH"] = os.pathsep.join(p for p in (os.path.dirname(sys.executable), env.get("PATH", "")) if p)
+    if sys.prefix != sys.base_prefix:
+        env["VIRTUAL_ENV"] = sys.prefix
     env["PYTHONPATH"] = os.pathsep.join(p for p in (site_packages, env.get("PYTHONPATH", "")) if p)
     env["_TRITON_LIBPYTHON_DIR"] = libdir
     return env
@@ -135,9 +141,24 @@ class TritonServer:
         env.update(self.env)
         return env
 
+    def ports_in_use(self) -> list[int]:
+        busy = []
+        for port in (self.http_port, self.grpc_port, self.metrics_port):
+            with socket.socket() as sock:
+                if sock.connect_ex((self.host, port)) == 0:
+                    busy.append(port)
+        return busy
+
     def start(self) -> TritonServer:
         if self.process and self.process.poll() is None:
             return self
+        # Another server on our ports would answer our readiness checks in our place.
+        busy = self.ports_in_use()
+        if busy:
+            raise TritonError(
+                f"port(s) {', '.join(map(str, busy))} on {self.host} already in use: another Triton "
+                "(or `make serve`) is running? Stop it or set TRITON_HTTP_PORT/TRITON_GRPC_PORT/TRITON_METRICS_PORT"
+            )
         self.install = self.install or TritonInstall.locate()
         log_file = self.log_file or cache_dir() / "logs" / f"triton-{self.http_port}.log"
         log_file.parent.mkdir(parents=True, exist_ok=True)

@@ -71,3 +71,10 @@ def test_missing_config(tmp_path: Path) -> None:
         load_settings(None, env={})
     with pytest.raises(ConfigError, match="cannot read"):
         load_settings(tmp_path / "absent.yaml", env={})
+
+
+def test_example_config_is_valid() -> None:
+    from stack.paths import REPO_ROOT
+
+    s = load_settings(REPO_ROOT / "gateway" / "config.example.yaml", env={})
+    assert list(s.models) == ["smollm2-135m-instruct"]
