@@ -17,7 +17,7 @@ export GATEWAY_URL
 
 STAMP := $(VENV)/.installed
 
-.PHONY: help setup serve smoke test test-unit test-integration lint clean
+.PHONY: help setup serve smoke test test-python test-unit test-integration lint clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-18s %s\n", $$1, $$2}'
@@ -51,8 +51,14 @@ test-unit: setup ## fast tests (no Triton)
 test-integration: setup ## gateway + native Triton + real models
 	$(PY) -m pytest -q tests/integration
 
-test: setup lint ## everything CI runs
-	$(PY) -m pytest -q tests
+test-python: setup ## unit + integration tests
+	$(PY) -m pytest -q tests/unit tests/integration
+
+# Other suites (provisioning, benchmark smoke) add themselves to TEST_SUITES in mk/*.mk.
+TEST_SUITES :=
+-include mk/*.mk
+
+test: lint test-python $(TEST_SUITES) ## everything CI runs
 
 clean: ## remove the venv and caches (converted models included)
 	rm -rf $(VENV) .cache .pytest_cache .mypy_cache .ruff_cache
