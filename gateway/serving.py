@@ -160,7 +160,9 @@ class Serving:
                 )
             max_tokens = room  # no explicit limit asked: fill what the context leaves
         temperature = body.temperature if body.temperature is not None else defaults.temperature
-        top_k = body.top_k if body.top_k is not None and body.top_k >= 0 else defaults.top_k
+        top_k = defaults.top_k if body.top_k is None else body.top_k
+        if top_k is not None and top_k <= 0:
+            top_k = None  # 0 and -1 both mean "no top-k"; engines disagree on which, so send neither
         top_p = body.top_p if body.top_p is not None else defaults.top_p
         if top_p == 0:  # OpenAI clients sometimes send 0 for "most likely only"
             top_p, top_k = None, 1

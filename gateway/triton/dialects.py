@@ -14,8 +14,9 @@ from typing import Any
 import orjson
 
 from gateway.engine import GenerationChunk, GenerationRequest
+from gateway.errors import UpstreamError
 
-EventParser = Callable[[Mapping[str, Any]], GenerationChunk | None]
+EventParser = Callable[[Mapping[str, Any]], GenerationChunk]
 
 _SAMPLING_FIELDS = (
     "temperature",
@@ -77,12 +78,28 @@ class LlmDialect:
         return parse
 
 
+class _Counts:
+    """Token counts over a stream whose responses each report only their own tokens."""
+
+    def __init__(self, per_response: bool) -> None:
+        self.per_response = per_response
+        self.total = 0
+
+    def add(self, event: Mapping[str, Any]) -> int | None:
+        n = _int(event.get("num_output_tokens"))
+        if n is None:
+            return None
+        self.total = self.total + n if self.per_response else n
+        return self.total
+
+
 class TrtllmDialect:
     """TensorRT-LLM's ``ensemble`` / ``tensorrt_llm_bls`` models.
 
-    They stream deltas but report neither a finish reason nor token counts: the stream
-    simply ends. The serving layer counts tokens with the tokenizer and infers ``length``
-    when the completion used all of ``max_tokens``.
+    They stream deltas but report no finish reason: the stream simply ends. Releases with
+    ``return_num_*_tokens`` report token counts (per response when streaming); with older
+    ones the serving layer counts with the tokenizer. Either way it infers ``length`` when
+    the completion used all of ``max_tokens``.
     """
 
     name = "trtllm"
@@ -92,8 +109,9 @@ class TrtllmDialect:
 
     def payload(self, req: GenerationRequest) -> dict[str, Any]:
         body: dict[str, Any] = {"text_input": req.prompt, "max_tokens": req.max_tokens, "stream": req.stream}
-        if "exclude_input_in_output" in self.inputs:
-            body["exclude_input_in_output"] = True
+        for flag in ("exclude_input_in_output", "return_num_input_tokens", "return_num_output_tokens"):
+            if flag in self.inputs:
+                body[flag] = True
         for key in _SAMPLING_FIELDS:
             value = getattr(req, key)
             if value is not None and key in self.inputs:
@@ -110,12 +128,20 @@ class TrtllmDialect:
     def parser(self, req: GenerationRequest) -> EventParser:
         prompt = req.prompt
         strip_prompt = not req.stream and "exclude_input_in_output" not in self.inputs
+        counts = _Counts(per_response=req.stream)
+        stops = req.stop if not req.stream else []
 
         def parse(event: Mapping[str, Any]) -> GenerationChunk:
             text = _text(event.get("text_output"))
             if strip_prompt and text.startswith(prompt):
                 text = text[len(prompt) :]
-            return GenerationChunk(text)
+            finish = None
+            # TensorRT-LLM leaves the matched stop word at the end of the text.
+            for stop in stops:
+                if text.endswith(stop):
+                    text, finish = text[: -len(stop)], "stop"
+                    break
+            return GenerationChunk(text, finish, _int(event.get("num_input_tokens")), counts.add(event))
 
         return parse
 
@@ -143,21 +169,27 @@ class VllmDialect:
             "stream": req.stream,
             "sampling_parameters": orjson.dumps(params).decode(),
         }
-        if "exclude_input_in_output" in self.inputs:
-            body["exclude_input_in_output"] = True
-        for flag in ("return_finish_reason", "return_num_input_tokens", "return_num_output_tokens"):
+        for flag in (
+            "exclude_input_in_output",
+            "return_finish_reason",
+            "return_num_input_tokens",
+            "return_num_output_tokens",
+        ):
             if flag in self.inputs:
                 body[flag] = True
         return body
 
     def parser(self, req: GenerationRequest) -> EventParser:
+        counts = _Counts(per_response=req.stream)
+
         def parse(event: Mapping[str, Any]) -> GenerationChunk:
-            finish = event.get("finish_reason")
+            finish = _text(event.get("finish_reason")) or None
+            if finish == "None":  # vLLM's str(None) on the responses before the last
+                finish = None
+            elif finish == "abort":
+                raise UpstreamError("vLLM aborted the request")
             return GenerationChunk(
-                _text(event.get("text_output")),
-                (_text(finish) or None) if finish is not None else None,
-                _int(event.get("num_input_tokens")),
-                _int(event.get("num_output_tokens")),
+                _text(event.get("text_output")), finish, _int(event.get("num_input_tokens")), counts.add(event)
             )
 
         return parse

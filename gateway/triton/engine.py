@@ -39,6 +39,18 @@ def _error_message(body: bytes) -> str:
         return text.decode(errors="replace")[:500] or "empty reply"
 
 
+def _merge(first: GenerationChunk, then: GenerationChunk) -> GenerationChunk:
+    """Two consecutive pieces as one (the later one's finish reason and counts win)."""
+    first.text += then.text
+    if then.finish_reason is not None:
+        first.finish_reason = then.finish_reason
+    if then.prompt_tokens is not None:
+        first.prompt_tokens = then.prompt_tokens
+    if then.completion_tokens is not None:
+        first.completion_tokens = then.completion_tokens
+    return first
+
+
 class TritonEngine:
     def __init__(self, settings: TritonSettings, models: Mapping[str, str]) -> None:
         """``models`` maps each served model name to its Triton model name."""
@@ -154,20 +166,30 @@ class TritonEngine:
                 raise UpstreamError(f"Triton rejected the request for {triton_model!r}: {message}")
             if not request.stream:
                 event = orjson.loads(await resp.read())
-                chunk = parse(event)
-                if chunk is not None:
-                    yield chunk
+                if "error" in event:  # e.g. a model that sent several responses: still HTTP 200
+                    raise UpstreamError(f"Triton failed: {event['error']}")
+                yield parse(event)
                 done = True
                 return
-            async for line in resp.content:
-                if not line.startswith(_DATA):
-                    continue
-                event = orjson.loads(line[6:])
-                if "error" in event:
-                    raise UpstreamError(f"Triton failed midway: {event['error']}")
-                chunk = parse(event)
-                if chunk is not None:
-                    yield chunk
+            # Everything that arrived in one read becomes one chunk: when Triton produces
+            # faster than the client reads, pieces coalesce instead of queueing up as
+            # events (one downstream write per read, not per piece).
+            pending = b""
+            async for data in resp.content.iter_any():
+                *lines, pending = (pending + data).split(b"\n")
+                merged: GenerationChunk | None = None
+                for line in lines:
+                    if not line.startswith(_DATA):
+                        continue
+                    event = orjson.loads(line[6:])
+                    if "error" in event:
+                        if merged is not None:
+                            yield merged
+                        raise UpstreamError(f"Triton failed midway: {event['error']}")
+                    chunk = parse(event)
+                    merged = chunk if merged is None else _merge(merged, chunk)
+                if merged is not None:
+                    yield merged
             done = True
         except (aiohttp.ClientPayloadError, aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as exc:
             raise UpstreamError(f"Triton broke off the answer: {exc!r}") from exc

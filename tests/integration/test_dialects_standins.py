@@ -1,0 +1,134 @@
+"""The gateway's TensorRT-LLM and vLLM adapters, against stand-ins on the real Triton.
+
+The stand-ins (tests/standins) declare the exact tensors of TensorRT-LLM's ensemble and of
+the vLLM backend and fake the generation with words " w0", " w1", …; they log the inputs
+they received, so these tests see what the gateway really sent.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.integration.conftest import STANDINS, Gateway
+
+pytestmark = [
+    pytest.mark.triton,
+    pytest.mark.skipif(not STANDINS.exists(), reason="tests/standins/model_repository is missing"),
+]
+DIALECTS = ["trtllm_standin", "vllm_standin"]
+
+
+def received(log: Path, model: str) -> dict[str, Any]:
+    """The inputs of the last request the stand-in got."""
+    lines = [json.loads(line) for line in log.read_text().splitlines()]
+    requests = [r for r in lines if r.get("model") == model and "inputs" in r]
+    assert requests, f"{model} logged no request"
+    return dict(requests[-1]["inputs"])
+
+
+def words(n: int, start: int = 0) -> str:
+    return "".join(f" w{i}" for i in range(start, start + n))
+
+
+@pytest.mark.parametrize("model", DIALECTS)
+def test_plain_and_stream(gateway: Gateway, model: str) -> None:
+    client = gateway.client()
+    messages = [{"role": "user", "content": "hello"}]
+    plain = client.chat.completions.create(model=model, messages=messages, max_tokens=5)  # type: ignore[arg-type]
+    assert plain.choices[0].message.content == words(5)
+    assert plain.choices[0].finish_reason == "length"
+    assert plain.usage is not None and plain.usage.completion_tokens == 5
+    chunks = list(
+        client.chat.completions.create(
+            model=model,
+            messages=messages,
+            max_tokens=5,
+            stream=True,  # type: ignore[arg-type]
+            stream_options={"include_usage": True},
+        )
+    )
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == words(5)
+    assert [ch.finish_reason for c in chunks for ch in c.choices if ch.finish_reason] == ["length"]
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 5
+
+
+@pytest.mark.parametrize("model", DIALECTS)
+def test_natural_end_is_stop(gateway: Gateway, model: str) -> None:
+    messages = [{"role": "user", "content": "[[stop_after=3]]"}]
+    for stream in (False, True):
+        if stream:
+            chunks = list(
+                gateway.client().chat.completions.create(model=model, messages=messages, max_tokens=10, stream=True)
+            )  # type: ignore[arg-type]
+            text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+            finish = [ch.finish_reason for c in chunks for ch in c.choices if ch.finish_reason]
+        else:
+            reply = gateway.client().chat.completions.create(model=model, messages=messages, max_tokens=10)  # type: ignore[arg-type]
+            text, finish = reply.choices[0].message.content or "", [reply.choices[0].finish_reason]
+        assert text == words(3)
+        assert finish == ["stop"]
+
+
+@pytest.mark.parametrize("model", DIALECTS)
+def test_stop_word(gateway: Gateway, model: str) -> None:
+    reply = gateway.client().chat.completions.create(
+        model=model,
+        messages=[{"role": "user", "content": "x"}],
+        max_tokens=10,
+        stop=[" w2"],  # type: ignore[arg-type]
+    )
+    assert reply.choices[0].message.content == words(2)
+    assert reply.choices[0].finish_reason == "stop"
+
+
+def test_trtllm_receives_its_own_tensor_names(gateway: Gateway, standin_log: Path) -> None:
+    gateway.client().chat.completions.create(
+        model="trtllm_standin",
+        messages=[{"role": "user", "content": "x"}],
+        max_tokens=4,  # type: ignore[arg-type]
+        temperature=0,
+        seed=42,
+        stop=["END"],
+        presence_penalty=0.5,
+    )
+    inputs = received(standin_log, "trtllm_standin")
+    assert inputs["max_tokens"] == 4
+    assert inputs["top_k"] == 1 and "temperature" not in inputs  # greedy as top-1
+    assert inputs["seed"] == 42 and "random_seed" not in inputs
+    assert inputs["stop_words"] in (["END"], "END")  # the log unwraps one-element tensors
+    assert inputs["presence_penalty"] == 0.5
+    assert inputs["exclude_input_in_output"] is True
+    assert inputs["return_num_output_tokens"] is True
+    assert inputs["text_input"].endswith("<|im_start|>assistant\n")
+
+
+def test_vllm_receives_sampling_parameters(gateway: Gateway, standin_log: Path) -> None:
+    gateway.client().chat.completions.create(
+        model="vllm_standin",
+        messages=[{"role": "user", "content": "x"}],
+        max_tokens=4,  # type: ignore[arg-type]
+        temperature=0.5,
+        top_p=0.9,
+        seed=7,
+        stop="END",
+        frequency_penalty=0.1,
+        extra_body={"top_k": 20, "repetition_penalty": 1.2},
+    )
+    inputs = received(standin_log, "vllm_standin")
+    params = json.loads(inputs["sampling_parameters"])
+    assert params == {
+        "max_tokens": 4,
+        "temperature": 0.5,
+        "top_p": 0.9,
+        "top_k": 20,
+        "repetition_penalty": 1.2,
+        "frequency_penalty": 0.1,
+        "seed": 7,
+        "stop": ["END"],
+    }
+    assert inputs["exclude_input_in_output"] is True
+    assert inputs["return_finish_reason"] is True
