@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import sys
 from dataclasses import dataclass
 from typing import Any
 
@@ -151,6 +152,13 @@ class StopMatcher:
 
 class TritonPythonModel:
     def initialize(self, args: dict[str, str]) -> None:
+        if int(np.__version__.split(".")[0]) >= 2 and os.environ.get("LLM_ALLOW_NUMPY2") != "1":
+            # Stubs built against numpy 1 (Triton 2.51's) silently corrupt tensors under numpy 2.
+            raise pb_utils.TritonModelException(
+                f"numpy {np.__version__} in the stub's Python ({sys.prefix}): this Triton's Python backend "
+                "needs numpy<2. Run Triton with the venv's interpreter (python -m stack.triton_native), "
+                "or set LLM_ALLOW_NUMPY2=1 for a stub built against numpy 2."
+            )
         config = json.loads(args["model_config"])
         params = {k: v.get("string_value", "") for k, v in config.get("parameters", {}).items()}
         self.model_name = args.get("model_name", config.get("name", "llm"))
