@@ -17,7 +17,7 @@ export GATEWAY_URL
 
 STAMP := $(VENV)/.installed
 
-.PHONY: help setup serve smoke test test-python test-unit test-integration lint clean
+.PHONY: help setup serve smoke gpu-check test test-python test-unit test-integration lint clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-18s %s\n", $$1, $$2}'
@@ -39,6 +39,9 @@ serve: setup ## run Triton (native) + the gateway in the foreground with the def
 
 smoke: ## a plain and a streaming chat completion against GATEWAY_URL
 	@if [ -x $(PY) ]; then $(PY) -m stack.smoke; else $(PYTHON) -m stack.smoke; fi
+
+gpu-check: setup ## on a GPU machine: Triton on CUDA vs CPU + gateway, one table (exits 0 without a GPU)
+	$(PY) tests/gpu/gpu_check.py
 
 lint: setup ## ruff + mypy
 	$(VENV)/bin/ruff check gateway stack tests model_repository
