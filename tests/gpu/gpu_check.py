@@ -57,8 +57,14 @@ def model_folder(work: Path, given: Path | None) -> Path:
     # SmolLM2's shape with the tiny tokenizer's vocabulary: tokens/s depends on the shape only.
     vocab = LlamaConfig.from_pretrained(dest).vocab_size
     config = LlamaConfig(
-        vocab_size=vocab, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
-        num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=8192, tie_word_embeddings=True,
+        vocab_size=vocab,
+        hidden_size=576,
+        intermediate_size=1536,
+        num_hidden_layers=30,
+        num_attention_heads=9,
+        num_key_value_heads=3,
+        max_position_embeddings=8192,
+        tie_word_embeddings=True,
     )
     torch.manual_seed(0)
     LlamaForCausalLM(config).save_pretrained(dest)
@@ -71,8 +77,12 @@ def measure(client: object, model: str, max_tokens: int) -> tuple[float, float, 
     first = None
     tokens = 0
     stream = client.chat.completions.create(  # type: ignore[attr-defined]
-        model=model, messages=[{"role": "user", "content": "Write a long story about a GPU."}],
-        max_tokens=max_tokens, temperature=0, stream=True, stream_options={"include_usage": True},
+        model=model,
+        messages=[{"role": "user", "content": "Write a long story about a GPU."}],
+        max_tokens=max_tokens,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
     )
     for chunk in stream:
         if chunk.choices and chunk.choices[0].delta.content and first is None:
@@ -88,8 +98,11 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--model-dir", type=Path, default=None)
-    parser.add_argument("--rehearse-on-cpu", action="store_true",
-                        help="without a GPU, run the whole check with both models on the CPU (tests the script)")
+    parser.add_argument(
+        "--rehearse-on-cpu",
+        action="store_true",
+        help="without a GPU, run the whole check with both models on the CPU (tests the script)",
+    )
     args = parser.parse_args()
 
     name, why = gpu_name()
@@ -126,8 +139,9 @@ def main() -> int:
     shutil.copytree(repo / "llm-cuda" / "1", repo / "llm-cpu" / "1")
     (repo / "llm-cpu" / "config.pbtxt").write_text(repository.render_llm_config(folder, device="cpu"))
     (repo / "llm-cuda" / "config.pbtxt").write_text(repository.render_llm_config(folder, device=gpu_device))
-    server = TritonServer(repo, http_port=free_port(), grpc_port=free_port(), metrics_port=free_port(),
-                          log_file=work / "triton.log")
+    server = TritonServer(
+        repo, http_port=free_port(), grpc_port=free_port(), metrics_port=free_port(), log_file=work / "triton.log"
+    )
     ok = False
     try:
         started = time.perf_counter()
@@ -144,10 +158,13 @@ def main() -> int:
             for model, (ttft, tps, n) in results.items():
                 rows.append((f"{model}: time to first token", f"{ttft * 1000:.1f} ms"))
                 rows.append((f"{model}: tokens/s", f"{tps:.1f} ({n} tokens)"))
-            rows.append(("CUDA speed-up (tokens/s)", f"{results['llm-cuda'][1] / max(results['llm-cpu'][1], 1e-9):.1f}x"))
+            speedup = results["llm-cuda"][1] / max(results["llm-cpu"][1], 1e-9)
+            rows.append(("CUDA speed-up (tokens/s)", f"{speedup:.1f}x"))
             reply = client.chat.completions.create(
-                model="llm-cuda", messages=[{"role": "user", "content": "What is the capital of France?"}],
-                max_tokens=16, temperature=0,
+                model="llm-cuda",
+                messages=[{"role": "user", "content": "What is the capital of France?"}],
+                max_tokens=16,
+                temperature=0,
             )
             text = reply.choices[0].message.content or ""
             ok = bool(text) and reply.usage is not None and reply.usage.completion_tokens > 0
