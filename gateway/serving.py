@@ -73,6 +73,34 @@ class Choice:
             self.finish_reason = "length" if self.completion_tokens >= self.max_tokens else "stop"
 
 
+@dataclass
+class Prompt:
+    """A prompt whose token count is only worked out when something needs it.
+
+    The context check can mostly be settled by a cheap upper bound, and the engines that
+    report their own count make tokenizing in the gateway unnecessary: that keeps the
+    tokenizer off the path to the first token.
+    """
+
+    text: str
+    tokenizer: ChatTokenizer
+    _tokens: int | None = None
+
+    def tokens(self) -> int:
+        if self._tokens is None:
+            self._tokens = self.tokenizer.count(self.text)
+        return self._tokens
+
+    def at_most(self) -> int:
+        return self._tokens if self._tokens is not None else self.tokenizer.upper_bound(self.text)
+
+
+def prompt_usage(prompts: Sequence[Prompt], choices: Sequence[Choice]) -> int:
+    """Prompt tokens of a request: each prompt once (whatever n is), the engine's count first."""
+    per_prompt = len(choices) // len(prompts)
+    return sum(choices[i * per_prompt].prompt_tokens or p.tokens() for i, p in enumerate(prompts))
+
+
 async def _single(iterator: AsyncIterator[GenerationChunk]) -> AsyncGenerator[Item, None]:
     async for chunk in iterator:
         yield 0, chunk
@@ -143,12 +171,14 @@ class Serving:
     # ------------------------------------------------------------------ requests
 
     def _generation(
-        self, served: ServedModel, body: SamplingFields, prompt: str, prompt_tokens: int, limit: int | None
+        self, served: ServedModel, body: SamplingFields, prompt: Prompt, limit: int | None
     ) -> GenerationRequest:
         defaults = served.settings.defaults
         context = served.context_length
         max_tokens = limit if limit is not None else defaults.max_tokens
-        if context is not None and prompt_tokens + max_tokens > context:
+        # The cheap bound settles almost every request; only a near miss is tokenized.
+        if context is not None and prompt.at_most() + max_tokens > context and prompt.tokens() + max_tokens > context:
+            prompt_tokens = prompt.tokens()
             room = context - prompt_tokens
             if limit is not None or room < 1:
                 raise invalid_request(
@@ -167,7 +197,7 @@ class Serving:
         if top_p == 0:  # OpenAI clients sometimes send 0 for "most likely only"
             top_p, top_k = None, 1
         return GenerationRequest(
-            prompt=prompt,
+            prompt=prompt.text,
             max_tokens=max_tokens,
             stream=body.stream,
             temperature=temperature,
@@ -198,17 +228,14 @@ class Serving:
             raise invalid_request("only response_format type 'text' is supported", param="response_format")
         served = self.served(body.model)
         messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in body.messages]
-        prompt = served.tokenizer.chat_prompt(messages)
-        prompt_tokens = served.tokenizer.count(prompt)
-        req = self._generation(served, body, prompt, prompt_tokens, body.token_limit())
-        requests = self._fan_out(req, body.n)
+        prompts = [Prompt(served.tokenizer.chat_prompt(messages), served.tokenizer)]
+        requests = self._fan_out(self._generation(served, body, prompts[0], body.token_limit()), body.n)
         writer = ChatChunks(f"chatcmpl-{secrets.token_hex(12)}", int(time.time()), served.name)
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            return await self._stream(served, requests, prompt_tokens, writer, include_usage, "chat", "")
-        choices = await self._collect(served, requests, prompt_tokens, "chat")
-        # The engine's own prompt count wins when it reports one; one prompt counts once.
-        usage = self._usage(choices[0].prompt_tokens or prompt_tokens, choices)
+            return await self._stream(served, requests, prompts, writer, include_usage, "chat", "")
+        choices = await self._collect(served, requests, prompts, "chat")
+        usage = self._usage(prompt_usage(prompts, choices), choices)
         return orjson.dumps(
             {
                 "id": writer.request_id,
@@ -237,21 +264,21 @@ class Serving:
         if body.best_of is not None and body.best_of != body.n:
             raise invalid_request("best_of is not supported by this server", param="best_of")
         served = self.served(body.model)
-        prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
-        if not prompts:
+        texts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
+        if not texts:
             raise invalid_request("prompt must not be empty", param="prompt")
-        if len(prompts) > 1 and body.stream:
+        if len(texts) > 1 and body.stream:
             raise invalid_request("streaming supports one prompt per request", param="prompt")
-        counts = [served.tokenizer.count(p) for p in prompts]
+        prompts = [Prompt(text, served.tokenizer) for text in texts]
         requests: list[GenerationRequest] = []
-        for prompt, count in zip(prompts, counts, strict=True):
-            requests += self._fan_out(self._generation(served, body, prompt, count, body.token_limit()), body.n)
+        for prompt in prompts:
+            requests += self._fan_out(self._generation(served, body, prompt, body.token_limit()), body.n)
         writer = CompletionChunks(f"cmpl-{secrets.token_hex(12)}", int(time.time()), served.name)
-        echo = prompts[0] if body.echo else ""
+        echo = texts[0] if body.echo else ""
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            return await self._stream(served, requests, counts[0], writer, include_usage, "completions", echo)
-        choices = await self._collect(served, requests, sum(counts), "completions")
+            return await self._stream(served, requests, prompts, writer, include_usage, "completions", echo)
+        choices = await self._collect(served, requests, prompts, "completions")
         return orjson.dumps(
             {
                 "id": writer.request_id,
@@ -261,13 +288,13 @@ class Serving:
                 "choices": [
                     {
                         "index": i,
-                        "text": (prompts[i // body.n] if body.echo else "") + "".join(c.parts),
+                        "text": (texts[i // body.n] if body.echo else "") + "".join(c.parts),
                         "logprobs": None,
                         "finish_reason": c.finish_reason,
                     }
                     for i, c in enumerate(choices)
                 ],
-                "usage": self._usage(sum(counts), choices),
+                "usage": self._usage(prompt_usage(prompts, choices), choices),
             }
         )
 
@@ -283,7 +310,7 @@ class Serving:
         }
 
     async def _collect(
-        self, served: ServedModel, requests: list[GenerationRequest], prompt_tokens: int, endpoint: str
+        self, served: ServedModel, requests: list[GenerationRequest], prompts: list[Prompt], endpoint: str
     ) -> list[Choice]:
         started = time.perf_counter()
         status = "200"
@@ -299,7 +326,7 @@ class Serving:
                     choices[index].add(chunk)
             for choice in choices:
                 choice.settle(served.tokenizer)
-            self._count_tokens(served.name, prompt_tokens, choices)
+            self._count_tokens(served.name, prompt_usage(prompts, choices), choices)
             return choices
         except APIError as exc:
             status = str(exc.status)
@@ -316,7 +343,7 @@ class Serving:
         self,
         served: ServedModel,
         requests: list[GenerationRequest],
-        prompt_tokens: int,
+        prompts: list[Prompt],
         writer: ChatChunks | CompletionChunks,
         include_usage: bool,
         endpoint: str,
@@ -335,15 +362,13 @@ class Serving:
             await items.aclose()
             self.metrics.requests.labels(endpoint, served.name, str(exc.status)).inc()
             raise
-        return self._events(
-            served, requests, prompt_tokens, writer, include_usage, endpoint, echo, items, first, started
-        )
+        return self._events(served, requests, prompts, writer, include_usage, endpoint, echo, items, first, started)
 
     async def _events(
         self,
         served: ServedModel,
         requests: list[GenerationRequest],
-        prompt_tokens: int,
+        prompts: list[Prompt],
         writer: ChatChunks | CompletionChunks,
         include_usage: bool,
         endpoint: str,
@@ -377,9 +402,10 @@ class Serving:
                             self.metrics.ttft.labels(served.name).observe(time.perf_counter() - started)
                         yield writer.content(index, chunk.text)
                 item = await anext(items, None)
+            prompt_tokens = prompt_usage(prompts, choices)
             self._count_tokens(served.name, prompt_tokens, choices)
             if include_usage:
-                usage = self._usage(choices[0].prompt_tokens or prompt_tokens, choices)
+                usage = self._usage(prompt_tokens, choices)
                 yield writer.usage(usage["prompt_tokens"], usage["completion_tokens"])
         except APIError as exc:
             status = f"{exc.status}-midstream"

@@ -21,8 +21,20 @@ class ChatTokenizer:
         self.tokenizer: Any = AutoTokenizer.from_pretrained(str(folder))
         # The Rust tokenizer directly: no Python-side special-token handling per call.
         self._fast = getattr(self.tokenizer, "backend_tokenizer", None) or getattr(self.tokenizer, "_tokenizer", None)
-        if not getattr(self.tokenizer, "chat_template", None):
-            raise ValueError(f"tokenizer in {folder} has no chat template")
+        template = getattr(self.tokenizer, "chat_template", None)
+        if not template or not isinstance(template, str):
+            raise ValueError(f"tokenizer in {folder} has no (single) chat template")
+        # Render the compiled template directly: apply_chat_template's own per-call work
+        # costs more than the rendering. Same compiler and variables, so the same text
+        # (a unit test compares both); apply_chat_template stays the fallback.
+        self._render: Any = None
+        try:
+            from transformers.utils.chat_template_utils import _compile_jinja_template
+
+            self._render = _compile_jinja_template(template).render
+        except ImportError:  # pragma: no cover - depends on the transformers version
+            pass
+        self._variables = {k: v for k, v in self.tokenizer.special_tokens_map.items() if isinstance(v, str)}
 
     def context_length(self) -> int | None:
         limit = int(getattr(self.tokenizer, "model_max_length", 0) or 0)
@@ -39,6 +51,11 @@ class ChatTokenizer:
             return str(self.tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True))
         except Exception as exc:  # jinja's TemplateError and friends: the messages don't fit the template
             raise invalid_request(f"messages do not fit the model's chat template: {exc}", param="messages") from exc
+
+    def upper_bound(self, text: str) -> int:
+        """At least the token count of ``text``, without tokenizing: no token is shorter than
+        one UTF-8 byte (special tokens are longer), plus one for a SentencePiece prefix space."""
+        return len(text.encode()) + 1
 
     def count(self, text: str) -> int:
         if self._fast is not None:
