@@ -20,7 +20,7 @@ STAMP := $(VENV)/.installed
 .PHONY: help setup serve smoke gpu-check test test-python test-unit test-integration lint clean
 
 help: ## list the targets
-	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-18s %s\n", $$1, $$2}'
+	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-18s %s\n", $$1, $$2}'
 
 $(STAMP): pyproject.toml Makefile
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -44,9 +44,9 @@ gpu-check: setup ## on a GPU machine: Triton on CUDA vs CPU + gateway, one table
 	$(PY) tests/gpu/gpu_check.py
 
 lint: setup ## ruff + mypy
-	$(VENV)/bin/ruff check gateway stack tests model_repository
-	$(VENV)/bin/ruff format --check gateway stack tests model_repository
-	$(VENV)/bin/mypy gateway stack
+	$(VENV)/bin/ruff check gateway stack bench tests model_repository
+	$(VENV)/bin/ruff format --check gateway stack bench tests model_repository
+	$(VENV)/bin/mypy gateway stack bench
 
 test-unit: setup ## fast tests (no Triton)
 	$(PY) -m pytest -q tests/unit

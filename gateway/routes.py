@@ -21,7 +21,8 @@ def serving(request: Request) -> Serving:
     return request.app.state.serving  # type: ignore[no-any-return]
 
 
-def check_api_key(request: Request) -> None:
+async def check_api_key(request: Request) -> None:
+    # async on purpose: FastAPI runs plain-def dependencies in a thread pool, a thread hop per request.
     key = request.app.state.api_key
     if key is None:
         return

@@ -39,10 +39,10 @@ class ServedModel:
     name: str
     settings: ModelSettings
     tokenizer: ChatTokenizer
+    context_length: int | None = field(init=False)
 
-    @property
-    def context_length(self) -> int | None:
-        return self.settings.context_length or self.tokenizer.context_length()
+    def __post_init__(self) -> None:
+        self.context_length = self.settings.context_length or self.tokenizer.context_length()
 
 
 @dataclass
@@ -380,27 +380,26 @@ class Serving:
         choices = [Choice(r.max_tokens) for r in requests]
         status = "200"
         first_text = True
+        # The role (and echo) chunks leave together with the first piece: one write, not three.
+        out = b"".join(writer.role(i) + (writer.content(i, echo) if echo else b"") for i in range(len(choices)))
         try:
-            for index in range(len(choices)):
-                role = writer.role(index)
-                if role:
-                    yield role
-                if echo:
-                    yield writer.content(index, echo)
             item: Item | None = first
             while item is not None:
                 index, chunk = item
                 choice = choices[index]
                 if chunk is None:
                     choice.settle(served.tokenizer)
-                    yield writer.finish(index, choice.finish_reason or "stop")
+                    out += writer.finish(index, choice.finish_reason or "stop")
                 else:
                     choice.add(chunk)
                     if chunk.text:
                         if first_text:
                             first_text = False
                             self.metrics.ttft.labels(served.name).observe(time.perf_counter() - started)
-                        yield writer.content(index, chunk.text)
+                        out += writer.content(index, chunk.text)
+                if out:
+                    yield out
+                    out = b""
                 item = await anext(items, None)
             prompt_tokens = prompt_usage(prompts, choices)
             self._count_tokens(served.name, prompt_tokens, choices)

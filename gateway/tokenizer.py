@@ -48,6 +48,8 @@ class ChatTokenizer:
 
     def chat_prompt(self, messages: Sequence[dict[str, str]]) -> str:
         try:
+            if self._render is not None:
+                return str(self._render(messages=messages, add_generation_prompt=True, **self._variables))
             return str(self.tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True))
         except Exception as exc:  # jinja's TemplateError and friends: the messages don't fit the template
             raise invalid_request(f"messages do not fit the model's chat template: {exc}", param="messages") from exc

@@ -13,9 +13,9 @@ import signal
 import sys
 from pathlib import Path
 
-import uvicorn
 import yaml
 
+from gateway.__main__ import run as run_gateway
 from gateway.app import create_app
 from gateway.config import load_settings
 from stack import repository
@@ -68,15 +68,7 @@ def main() -> int:
             f"serving {', '.join(models)} (Ctrl-C stops both)",
             flush=True,
         )
-        uvicorn.run(
-            create_app(settings),
-            host=settings.host,
-            port=settings.port,
-            loop="uvloop",
-            http="httptools",
-            access_log=False,
-            timeout_graceful_shutdown=5,
-        )
+        run_gateway(create_app(settings), settings.host, settings.port)
     except TritonError as exc:
         print(f"serve: {exc}", file=sys.stderr)
         return 1

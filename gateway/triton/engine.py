@@ -151,6 +151,8 @@ class TritonEngine:
             except (aiohttp.ClientConnectionError, asyncio.TimeoutError, OSError) as exc:
                 last = UpstreamUnavailable(f"Triton at {url} is unreachable: {exc}")
                 continue
+            except aiohttp.ClientError as exc:  # e.g. a reply that is not HTTP
+                raise UpstreamError(f"Triton at {url} answered with something unreadable: {exc!r}") from exc
             return resp, dialect
         assert last is not None
         raise last
@@ -191,7 +193,7 @@ class TritonEngine:
                 if merged is not None:
                     yield merged
             done = True
-        except (aiohttp.ClientPayloadError, aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as exc:
+        except aiohttp.ClientError as exc:  # reset, truncated, or garbled mid-answer
             raise UpstreamError(f"Triton broke off the answer: {exc!r}") from exc
         except asyncio.TimeoutError as exc:
             raise UpstreamError(
