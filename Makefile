@@ -64,4 +64,4 @@ TEST_SUITES :=
 test: lint test-python $(TEST_SUITES) ## everything CI runs
 
 clean: ## remove the venv and caches (converted models included)
-	rm -rf $(VENV) .cache .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) .venv-ansible .cache .pytest_cache .mypy_cache .ruff_cache
