@@ -316,11 +316,7 @@ class Serving:
         status = "200"
         try:
             choices = [Choice(r.max_tokens) for r in requests]
-            items = (
-                _single(self.engine.generate(served.name, requests[0]))
-                if len(requests) == 1
-                else _merge([self.engine.generate(served.name, r) for r in requests])
-            )
+            items = self._pieces(served.name, requests)
             async for index, chunk in items:
                 if chunk is not None:
                     choices[index].add(chunk)
@@ -334,6 +330,12 @@ class Serving:
         finally:
             self.metrics.requests.labels(endpoint, served.name, status).inc()
             self.metrics.latency.labels(endpoint, served.name).observe(time.perf_counter() - started)
+
+    def _pieces(self, model: str, requests: list[GenerationRequest]) -> AsyncGenerator[Item, None]:
+        """Every choice's pieces as (index, chunk), interleaved when there are several."""
+        if len(requests) == 1:
+            return _single(self.engine.generate(model, requests[0]))
+        return _merge([self.engine.generate(model, r) for r in requests])
 
     def _count_tokens(self, model: str, prompt_tokens: int, choices: Sequence[Choice]) -> None:
         self.metrics.prompt_tokens.labels(model).inc(prompt_tokens)
@@ -350,10 +352,7 @@ class Serving:
         echo: str,
     ) -> AsyncIterator[bytes]:
         started = time.perf_counter()
-        if len(requests) == 1:
-            items = _single(self.engine.generate(served.name, requests[0]))
-        else:
-            items = _merge([self.engine.generate(served.name, r) for r in requests])
+        items = self._pieces(served.name, requests)
         try:
             # Wait for the first piece before answering, so that a Triton that is down or
             # rejects the request gives a proper HTTP status instead of a 200 stream.
