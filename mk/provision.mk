@@ -20,7 +20,7 @@ PROVISION_STAMP := $(ANSIBLE_VENV)/.provision-installed
 # one list for both stamps; `make up` takes only its ansible entry.
 provision_reqs = $(shell $(PYTHON) -c 'import re,sys; t=open("pyproject.toml").read(); b=re.search(r"^provision = \[(.*?)^\]", t, re.S|re.M).group(1); print(" ".join(repr(r) for r in re.findall(r"\"([^\"]+)\"", b)))')
 
-.PHONY: up lint-ansible test-provision
+.PHONY: up lint-ansible test-provision test-engine
 
 $(ANSIBLE_STAMP): pyproject.toml
 	@# A fresh Ubuntu (WSL) lacks python3-venv: ask apt for it first.
@@ -59,3 +59,10 @@ test-provision: $(PROVISION_STAMP) ## fresh Ubuntu 24.04 hosts (systemd-nspawn):
 
 lint: lint-ansible
 TEST_SUITES += test-provision
+
+# The TensorRT-LLM engine role (GPU profile) against a stand-in `docker`: command lines,
+# manifest-driven rebuilds, check mode. Needs the Ansible venv, not root or a GPU.
+test-engine: $(PROVISION_STAMP) setup ## trtllm_engine role with a stand-in docker: build, no-op rerun, rebuild on change
+	$(PY) -m pytest -q tests/engine
+
+TEST_SUITES += test-engine
