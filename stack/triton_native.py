@@ -21,7 +21,7 @@ import sysconfig
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -225,18 +225,6 @@ class TritonServer:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
-
-
-@contextlib.contextmanager
-def running(model_repository: Path, models: Sequence[str] = (), **kwargs: object) -> Iterator[TritonServer]:
-    """Start Triton, wait for ``models``, yield it, and always stop it."""
-    server = TritonServer(model_repository, **kwargs)  # type: ignore[arg-type]
-    try:
-        server.start()
-        server.wait_ready(models)
-        yield server
-    finally:
-        server.stop()
 
 
 def main(argv: Sequence[str] | None = None) -> int:

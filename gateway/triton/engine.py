@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import itertools
 from collections.abc import AsyncIterator, Mapping
-from typing import Any
 
 import aiohttp
 import orjson
@@ -207,10 +206,3 @@ class TritonEngine:
             else:
                 # Closing (not releasing) drops the connection: Triton cancels the request.
                 resp.close()
-
-
-def model_config_summary(config: Mapping[str, Any]) -> str:
-    """One line naming a model's tensors, for logs."""
-    ins = ", ".join(t["name"] for t in config.get("input", []))
-    outs = ", ".join(t["name"] for t in config.get("output", []))
-    return f"{config.get('name')}: backend={config.get('backend') or config.get('platform')} in=[{ins}] out=[{outs}]"
