@@ -66,15 +66,9 @@ SEEDED_WSL_CONF = '[automount]\noptions = "metadata"\n\n[boot]\ncommand = echo b
 
 
 def _skip_reason() -> str | None:
-    if not sys.platform.startswith("linux"):
-        return "test hosts need Linux (systemd-nspawn)"
-    if os.geteuid() != 0:
-        return "test hosts need root (debootstrap, systemd-nspawn, network bridges)"
-    if not shutil.which("systemd-nspawn") and not shutil.which("apt-get"):
-        return "no systemd-nspawn and no apt-get to install it"
     if not _tool("ansible-playbook"):
         return "ansible-playbook not found (make test-provision installs it into .venv-ansible)"
-    return None
+    return th.skip_reason()
 
 
 def _tool(name: str) -> str | None:

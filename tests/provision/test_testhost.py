@@ -6,7 +6,6 @@ archive for the first rootfs build; skips with the reason where that is impossib
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
 import sys
@@ -22,21 +21,9 @@ import testhost as th
 pytestmark = pytest.mark.provision
 
 
-def _skip_reason() -> str | None:
-    if not sys.platform.startswith("linux"):
-        return "test hosts need Linux (systemd-nspawn)"
-    if os.geteuid() != 0:
-        return "test hosts need root (debootstrap, systemd-nspawn, network bridges)"
-    if not shutil.which("systemd-nspawn") and not shutil.which("apt-get"):
-        return "no systemd-nspawn and no apt-get to install it"
-    if not Path("/sys/fs/cgroup").is_dir():
-        return "no cgroup filesystem: systemd-nspawn cannot run here"
-    return None
-
-
 @pytest.fixture(scope="module")
 def cache_dir() -> Iterator[Path]:
-    reason = _skip_reason()
+    reason = th.skip_reason()
     if reason:
         pytest.skip(reason)
     try:

@@ -177,6 +177,19 @@ def _tail(path: Path, lines: int = 40) -> str:
     return "\n".join(data.splitlines()[-lines:])
 
 
+def skip_reason() -> str | None:
+    """Why test hosts cannot run on this machine, or None when they can."""
+    if not sys.platform.startswith("linux"):
+        return "test hosts need Linux (systemd-nspawn)"
+    if os.geteuid() != 0:
+        return "test hosts need root (debootstrap, systemd-nspawn, network bridges)"
+    if not shutil.which("systemd-nspawn") and not shutil.which("apt-get"):
+        return "no systemd-nspawn and no apt-get to install it"
+    if not Path("/sys/fs/cgroup").is_dir():
+        return "no cgroup filesystem: systemd-nspawn cannot run here"
+    return None
+
+
 def default_cache_dir() -> Path:
     env = os.environ.get("TESTHOST_CACHE")
     if env:
