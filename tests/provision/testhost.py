@@ -79,8 +79,10 @@ __all__ = [
 # Bump when anything below changes what ends up inside the rootfs tarball.
 SCRIPT_VERSION = "1"
 
-DEFAULT_BRIDGE = "tkbr0"
-DEFAULT_SUBNET = "10.213.7.0/24"
+# Overridable so that separate checkouts (each with its own TESTHOST_CACHE) can run test hosts
+# at the same time on one machine without sharing a bridge or proxy.
+DEFAULT_BRIDGE = os.environ.get("TESTHOST_BRIDGE", "tkbr0")
+DEFAULT_SUBNET = os.environ.get("TESTHOST_SUBNET", "10.213.7.0/24")
 PROXY_PORT = 3128
 SSH_USER = "tester"
 
