@@ -1,4 +1,5 @@
-"""``make smoke``: is the gateway up, and does a chat completion round trip work?
+"""``make smoke``: is the gateway up, does a chat completion round trip work, and does this
+machine's GPU stack answer (stack/gpu_checks.py: each GPU check skips without a GPU)?
 
 Against ``GATEWAY_URL`` (default http://127.0.0.1:9000/v1) with the official ``openai``
 client: one plain and one streaming chat completion. Prints what it got; exits non-zero on
@@ -80,6 +81,11 @@ def main() -> int:
     except OpenAIError as exc:
         _check(False, f"request failed: {exc}")
         return 1
+    # The GPU checks of tests/infra/test_gpu.py, on this machine (each skips without a GPU).
+    from stack import gpu_checks
+
+    print("GPU checks on this machine")
+    results.append(gpu_checks.print_results(gpu_checks.run_all()))
     ok = all(results)
     print("smoke: PASS" if ok else "smoke: FAIL")
     return 0 if ok else 1
