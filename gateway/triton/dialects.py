@@ -195,7 +195,72 @@ class VllmDialect:
         return parse
 
 
-Dialect = LlmDialect | TrtllmDialect | VllmDialect
+class LlmapiDialect:
+    """TensorRT-LLM's LLM API model (``all_models/llmapi``, TensorRT-LLM >= 1.0, PyTorch backend).
+
+    One Python-backend model, ``tensorrt_llm``: ``streaming`` instead of ``stream``, the
+    sampling arguments as ``sampling_param_<name>`` (``max_tokens`` is optional there:
+    always sent, never left to the LLM API's default), ``finish_reason`` only when
+    ``return_finish_reason`` is true (``"None"`` until the last response), no token
+    counts. Each streamed ``text_output`` is the text generated **so far**, not a delta:
+    the parser turns it into deltas. Stop strings are cut by TensorRT-LLM.
+    ``sampling_param_exclude_input_from_output`` defaults to false in the template, so it
+    is always sent.
+    """
+
+    name = "llmapi"
+    _PREFIX = "sampling_param_"
+
+    def __init__(self, inputs: set[str]) -> None:
+        self.inputs = inputs
+
+    def payload(self, req: GenerationRequest) -> dict[str, Any]:
+        p = self._PREFIX
+        body: dict[str, Any] = {"text_input": req.prompt, p + "max_tokens": req.max_tokens, "streaming": req.stream}
+        for flag in (p + "exclude_input_from_output", "return_finish_reason"):
+            if flag in self.inputs:
+                body[flag] = True
+        for key in _SAMPLING_FIELDS:
+            value = getattr(req, key)
+            if value is not None and p + key in self.inputs:
+                body[p + key] = value
+        if req.temperature == 0 and p + "top_k" in self.inputs:
+            body[p + "top_k"] = 1  # top-1 sampling is greedy, whatever the sampler does with 0
+            body.pop(p + "temperature", None)
+        if req.seed is not None and p + "seed" in self.inputs:
+            body[p + "seed"] = req.seed
+        if req.stop and p + "stop" in self.inputs:
+            body[p + "stop"] = req.stop
+        return body
+
+    def parser(self, req: GenerationRequest) -> EventParser:
+        prompt = req.prompt
+        strip_prompt = self._PREFIX + "exclude_input_from_output" not in self.inputs
+        sent = ""  # what the client has so far: streamed texts are cumulative
+
+        def parse(event: Mapping[str, Any]) -> GenerationChunk:
+            nonlocal sent
+            text = _text(event.get("text_output"))
+            if strip_prompt and text.startswith(prompt):
+                text = text[len(prompt) :]
+            # Past what was sent. Should the text so far change behind us (a stop string
+            # cut off the end, a character decoded anew), nothing is taken back or repeated.
+            delta = text[len(sent) :]
+            if len(text) > len(sent):
+                sent = text
+            finish = _text(event.get("finish_reason")) or None
+            if finish == "None":  # str(None) on every response before the last
+                finish = None
+            elif finish in ("cancelled", "timeout"):
+                raise UpstreamError(f"TensorRT-LLM ended the request: {finish}")
+            elif finish not in (None, "stop", "length"):
+                finish = None  # unknown: the serving layer infers stop or length
+            return GenerationChunk(delta, finish)
+
+        return parse
+
+
+Dialect = LlmDialect | TrtllmDialect | VllmDialect | LlmapiDialect
 
 
 class UnknownDialect(ValueError):
@@ -214,6 +279,8 @@ def detect(config: Mapping[str, Any]) -> Dialect:
             f"model {config.get('name')!r} has no text_input/text_output tensors: "
             "not a text-generation model this gateway can drive"
         )
+    if "sampling_param_max_tokens" in inputs:
+        return LlmapiDialect(inputs)
     if "finish_reason" in outputs and "max_tokens" in inputs:
         return LlmDialect()
     if "max_tokens" in inputs:

@@ -6,7 +6,9 @@ commands run inside the Triton TRT-LLM image would leave in the mounted folders:
 - `python3 .../convert_checkpoint.py ... --output_dir D`: a TensorRT-LLM checkpoint in D
 - `trtllm-build ... --output_dir D`: an engine in D (after $DOCKER_STANDIN_BUILD_SECONDS)
 - `cp -r <templates>/. /repo/`: minimal STAND-IN templates with ${key} placeholders
-  (not TensorRT-LLM's templates: just the placeholders the role fills)
+  (not TensorRT-LLM's templates: just the placeholders the role fills); from a folder
+  named `llmapi`, a STAND-IN of the LLM API template instead: tensorrt_llm/config.pbtxt,
+  tensorrt_llm/1/model.py and an example tensorrt_llm/1/model.yaml (which the role replaces)
 - `python3 .../fill_template.py -i F k:v,...`: string.Template substitution, like the real one
 $DOCKER_STANDIN_FAIL=build makes trtllm-build exit 1.
 """
@@ -39,6 +41,16 @@ TEMPLATE_KEYS = {
     "postprocessing": ["tokenizer_dir", "triton_max_batch_size", "postprocessing_instance_count"],
     "tensorrt_llm_bls": ["triton_max_batch_size", "decoupled_mode", "bls_instance_count", "logits_datatype"],
 }
+
+# The shape of the template's example model.yaml (a hub model id, batching off).
+LLMAPI_EXAMPLE_YAML = (
+    "model: example/hub-model\n"
+    "backend: pytorch\n"
+    "tensor_parallel_size: 1\n"
+    "triton_config:\n"
+    "  max_batch_size: 0\n"
+    "  decoupled: false\n"
+)
 
 
 def main(argv: list[str]) -> int:
@@ -86,6 +98,12 @@ def main(argv: list[str]) -> int:
         (out / "config.json").write_text(json.dumps({"max_batch_size": int(opt("--max_batch_size"))}))
         (out / "rank0.engine").write_bytes(b"stand-in")
         print("stand-in trtllm-build: engine written")
+    elif cmd[:2] == ["cp", "-r"] and cmd[2].rstrip("/.").endswith("/llmapi"):
+        dest = host(cmd[3])
+        (dest / "tensorrt_llm" / "1").mkdir(parents=True, exist_ok=True)
+        (dest / "tensorrt_llm" / "config.pbtxt").write_text('name: "tensorrt_llm"\nbackend: "python"\n')
+        (dest / "tensorrt_llm" / "1" / "model.py").write_text("# stand-in\n")
+        (dest / "tensorrt_llm" / "1" / "model.yaml").write_text(LLMAPI_EXAMPLE_YAML)
     elif cmd[:2] == ["cp", "-r"]:
         dest = host(cmd[3])
         for model, keys in TEMPLATE_KEYS.items():

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 ROOT = Path(__file__).resolve().parents[2]
 PLAYBOOK_BIN = ROOT / ".venv-ansible" / "bin" / "ansible-playbook"
@@ -211,11 +212,127 @@ def test_failed_build_fails_and_writes_no_manifest(tmp_path: Path) -> None:
     assert not (e.engines / "trtllm-engine-manifest.json").exists()
 
 
-def test_tensorrt_llm_1_0_builds_no_engine(tmp_path: Path) -> None:
-    e = Env(tmp_path)
-    proc, calls = e.run({"trtllm_engine_version": "1.0.0", "trtllm_engine_triton_release": "25.10"})
+# Mode none (TensorRT-LLM >= 1.0): no engine; the image's LLM API template + model.yaml.
+LLMAPI_IMAGE = "nvcr.io/nvidia/tritonserver:25.10-trtllm-python-py3"
+LLMAPI_VARS: dict[str, Any] = {"trtllm_engine_version": "1.0.0", "trtllm_engine_triton_release": "25.10"}
+
+
+def llmapi_run(
+    e: Env, extra: dict[str, Any] | None = None, *args: str
+) -> tuple[subprocess.CompletedProcess[str], list[list[str]]]:
+    return e.run({**LLMAPI_VARS, **(extra or {})}, *args)
+
+
+def model_yaml(e: Env) -> dict[str, Any]:
+    return dict(yaml.safe_load((e.repo / "tensorrt_llm" / "1" / "model.yaml").read_text()))
+
+
+@pytest.fixture(scope="module")
+def llmapi(tmp_path_factory: pytest.TempPathFactory) -> Env:
+    e = Env(tmp_path_factory.mktemp("llmapi"))
+    proc, calls = llmapi_run(e)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+    e.first = (proc, calls)
+    return e
+
+
+def test_tensorrt_llm_1_0_copies_the_llmapi_template_and_builds_no_engine(llmapi: Env) -> None:
+    proc, calls = llmapi.first
+    assert "build mode none" in " ".join(proc.stdout.split())
+    # One docker run: the template copied out of the pinned image, no GPU, no build.
+    assert calls == [
+        ["run", "--rm", "-v", f"{llmapi.repo}:/repo", LLMAPI_IMAGE, "cp", "-r", "/app/all_models/llmapi/.", "/repo/"]
+    ]
+    assert not llmapi.engines.exists()
+    assert (llmapi.repo / "tensorrt_llm" / "config.pbtxt").exists()
+    assert (llmapi.repo / "tensorrt_llm" / "1" / "model.py").exists()
+    # model.yaml from the role's variables replaces the template's example.
+    assert model_yaml(llmapi) == {
+        "model": str(llmapi.model),
+        "backend": "pytorch",
+        "dtype": "float16",
+        "tensor_parallel_size": 1,
+        "max_batch_size": 8,
+        "max_seq_len": 4096,
+        "kv_cache_config": {"free_gpu_memory_fraction": 0.9},
+        "triton_config": {"max_batch_size": 0, "decoupled": True},
+    }
+    m = json.loads((llmapi.repo / ".trtllm-repository.json").read_text())
+    assert m["image"] == LLMAPI_IMAGE and m["build_mode"] == "none" and m["tensorrt_llm_version"] == "1.0.0"
+    assert m["templates"] == "/app/all_models/llmapi" and m["model_yaml"] == model_yaml(llmapi)
+    assert recap_changed(proc.stdout) >= 1
+
+
+def test_llmapi_second_run_and_check_mode_change_nothing(llmapi: Env) -> None:
+    proc, calls = llmapi_run(llmapi)
     assert proc.returncode == 0, proc.stdout[-4000:]
-    assert calls == [] and "build mode none" in " ".join(proc.stdout.split())
+    assert calls == [] and recap_changed(proc.stdout) == 0
+    assert "matches its manifest: nothing to render" in " ".join(proc.stdout.split())
+    proc, calls = llmapi_run(llmapi, None, "--check")
+    assert proc.returncode == 0 and calls == [] and recap_changed(proc.stdout) == 0
+
+
+def test_llmapi_check_mode_reports_a_changed_option_and_runs_no_docker(llmapi: Env) -> None:
+    before = (llmapi.repo / "tensorrt_llm" / "1" / "model.yaml").read_text()
+    proc, calls = llmapi_run(llmapi, {"trtllm_engine_kv_cache_free_gpu_mem_fraction": 0.75}, "--check")
+    assert proc.returncode == 0, proc.stdout[-4000:]
+    assert calls == []
+    assert "would fill" in " ".join(proc.stdout.split()) and recap_changed(proc.stdout) >= 1
+    assert (llmapi.repo / "tensorrt_llm" / "1" / "model.yaml").read_text() == before
+
+
+def test_llmapi_changed_option_re_renders(llmapi: Env) -> None:
+    (llmapi.repo / "stale-marker").write_text("x")
+    changed = {
+        "trtllm_engine_kv_cache_free_gpu_mem_fraction": 0.75,
+        "trtllm_engine_tp_size": 2,
+        "trtllm_engine_max_num_tokens": 8192,
+        "trtllm_engine_serve_model_dir": "/models/tiny",
+        "trtllm_engine_llmapi_extra_args": {
+            "enable_chunked_prefill": True,
+            "kv_cache_config": {"enable_block_reuse": False},
+        },
+    }
+    proc, calls = llmapi_run(llmapi, changed)
+    assert proc.returncode == 0, proc.stdout[-4000:]
+    assert len(calls) == 1 and calls[0][-4:] == ["cp", "-r", "/app/all_models/llmapi/.", "/repo/"]
+    assert not (llmapi.repo / "stale-marker").exists()
+    y = model_yaml(llmapi)
+    assert y["model"] == "/models/tiny" and y["tensor_parallel_size"] == 2 and y["max_num_tokens"] == 8192
+    # Extra arguments merge (recursively) into the role's own.
+    assert y["kv_cache_config"] == {"free_gpu_memory_fraction": 0.75, "enable_block_reuse": False}
+    assert y["enable_chunked_prefill"] is True
+    proc, calls = llmapi_run(llmapi, changed)
+    assert calls == [] and recap_changed(proc.stdout) == 0
+    # One option back: rendered again.
+    proc, calls = llmapi_run(llmapi, {**changed, "trtllm_engine_decoupled_mode": False})
+    assert proc.returncode == 0 and len(calls) == 1
+    assert model_yaml(llmapi)["triton_config"] == {"max_batch_size": 0, "decoupled": False}
+
+
+def test_llmapi_hand_edited_model_yaml_is_put_back(tmp_path: Path) -> None:
+    e = Env(tmp_path)
+    assert llmapi_run(e)[0].returncode == 0
+    path = e.repo / "tensorrt_llm" / "1" / "model.yaml"
+    path.write_text(path.read_text().replace("free_gpu_memory_fraction: 0.9", "free_gpu_memory_fraction: 0.5"))
+    proc, calls = llmapi_run(e)
+    assert proc.returncode == 0 and len(calls) == 1
+    assert model_yaml(e)["kv_cache_config"] == {"free_gpu_memory_fraction": 0.9}
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        {"trtllm_engine_kv_cache_free_gpu_mem_fraction": 1.5},
+        {"trtllm_engine_llmapi_extra_args": {"triton_config": {"max_batch_size": 8}}},
+    ],
+)
+def test_llmapi_bad_settings_fail_before_any_docker(tmp_path: Path, extra: dict[str, Any]) -> None:
+    e = Env(tmp_path)
+    proc, calls = llmapi_run(e, extra)
+    assert proc.returncode != 0 and calls == []
+    assert "kv_cache_free_gpu_mem_fraction must be in (0, 1]" in " ".join(proc.stdout.split())
+    assert not e.repo.exists()
 
 
 def test_bad_variable_fails_at_the_argument_spec(tmp_path: Path) -> None:
@@ -224,3 +341,16 @@ def test_bad_variable_fails_at_the_argument_spec(tmp_path: Path) -> None:
     assert proc.returncode != 0 and calls == []
     assert "trtllm_engine_max_batch_size" in proc.stdout
     assert "argument spec" in proc.stdout.lower() or "argument_spec" in proc.stdout.lower()
+
+
+def test_validate_entry_point_runs_the_same_checks(tmp_path: Path) -> None:
+    e = Env(tmp_path)
+    (tmp_path / "play.yml").write_text(
+        "- hosts: all\n  gather_facts: false\n  tasks:\n"
+        "    - ansible.builtin.include_role:\n        name: trtllm_engine\n        tasks_from: validate\n"
+    )
+    proc, calls = llmapi_run(e)
+    assert proc.returncode == 0 and calls == [], proc.stdout[-4000:]
+    proc, calls = llmapi_run(e, {"trtllm_engine_llmapi_extra_args": {"model": "other"}})
+    assert proc.returncode != 0 and calls == []
+    assert "must not set model or triton_config" in " ".join(proc.stdout.split())

@@ -6,7 +6,15 @@ import orjson
 import pytest
 
 from gateway.engine import GenerationRequest
-from gateway.triton.dialects import LlmDialect, TrtllmDialect, UnknownDialect, VllmDialect, detect
+from gateway.errors import UpstreamError
+from gateway.triton.dialects import (
+    LlmapiDialect,
+    LlmDialect,
+    TrtllmDialect,
+    UnknownDialect,
+    VllmDialect,
+    detect,
+)
 
 
 def tensors(*names: str) -> list[dict[str, str]]:
@@ -92,3 +100,105 @@ def test_vllm_payload_packs_sampling_parameters() -> None:
     assert params == {"max_tokens": 8, "temperature": 0.7, "seed": 1, "stop": ["\n"]}
     assert body["return_finish_reason"] is True and body["exclude_input_in_output"] is True
     assert "return_num_input_tokens" not in body
+
+
+# TensorRT-LLM's LLM API model (triton_backend/all_models/llmapi/tensorrt_llm/config.pbtxt,
+# TensorRT-LLM 1.0 era): its inputs and outputs, as Triton's model config reports them.
+LLMAPI_INPUTS = (
+    "text_input",
+    "streaming",
+    "sampling_param_best_of",
+    "sampling_param_temperature",
+    "sampling_param_top_k",
+    "sampling_param_top_p",
+    "sampling_param_frequency_penalty",
+    "sampling_param_presence_penalty",
+    "sampling_param_max_tokens",
+    "sampling_param_stop",
+    "sampling_param_seed",
+    "sampling_param_exclude_input_from_output",
+    "sampling_param_return_perf_metrics",
+    "return_finish_reason",
+    "return_stop_reason",
+    "return_cumulative_logprob",
+    "stop",
+)
+LLMAPI_OUTPUTS = ("text_output", "finish_reason", "stop_reason", "cumulative_logprob", "kv_cache_hit_rate")
+
+
+def llmapi() -> LlmapiDialect:
+    d = detect(
+        {
+            "name": "tensorrt_llm",
+            "backend": "python",
+            "input": tensors(*LLMAPI_INPUTS),
+            "output": tensors(*LLMAPI_OUTPUTS),
+        }
+    )
+    assert isinstance(d, LlmapiDialect)
+    return d
+
+
+def test_llmapi_payload() -> None:
+    body = llmapi().payload(
+        req(temperature=0.7, top_p=0.9, seed=7, stop=["END"], presence_penalty=0.1, repetition_penalty=1.2)
+    )
+    assert body == {
+        "text_input": "P",
+        "sampling_param_max_tokens": 8,
+        "streaming": True,
+        "sampling_param_exclude_input_from_output": True,
+        "return_finish_reason": True,
+        "sampling_param_temperature": 0.7,
+        "sampling_param_top_p": 0.9,
+        "sampling_param_presence_penalty": 0.1,
+        "sampling_param_seed": 7,
+        "sampling_param_stop": ["END"],
+    }  # repetition_penalty: no such input, not sent; `stop` (cancel by id) never sent
+
+
+def test_llmapi_payload_greedy_and_plain() -> None:
+    body = llmapi().payload(req(stream=False, temperature=0.0))
+    assert body["streaming"] is False
+    assert body["sampling_param_top_k"] == 1 and "sampling_param_temperature" not in body
+
+
+def test_llmapi_parser_turns_cumulative_text_into_deltas() -> None:
+    parse = llmapi().parser(req())
+    events = [
+        {"text_output": " w0", "finish_reason": "None"},
+        {"text_output": " w0 w1", "finish_reason": "None"},
+        {"text_output": " w0 w1", "finish_reason": "None"},  # no new text in this response
+        {"text_output": " w0 w1 w2", "finish_reason": "length"},
+    ]
+    chunks = [parse(e) for e in events]
+    assert [c.text for c in chunks] == [" w0", " w1", "", " w2"]
+    assert [c.finish_reason for c in chunks] == [None, None, None, "length"]
+    assert all(c.prompt_tokens is None and c.completion_tokens is None for c in chunks)  # counted by the gateway
+
+
+def test_llmapi_parser_never_repeats_when_the_text_shrinks() -> None:
+    parse = llmapi().parser(req(stop=["STOP"]))
+    assert parse({"text_output": "a ST"}).text == "a ST"
+    # TensorRT-LLM cut the matched stop string: the text so far got shorter.
+    last = parse({"text_output": "a ", "finish_reason": "stop"})
+    assert (last.text, last.finish_reason) == ("", "stop")
+
+
+def test_llmapi_parser_not_streaming() -> None:
+    chunk = llmapi().parser(req(stream=False))({"text_output": "whole answer", "finish_reason": "stop"})
+    assert (chunk.text, chunk.finish_reason) == ("whole answer", "stop")
+
+
+def test_llmapi_parser_without_finish_reason_or_exclude_input() -> None:
+    # A template without those inputs: no finish reason (inferred later), prompt stripped.
+    d = LlmapiDialect({"text_input", "streaming", "sampling_param_max_tokens"})
+    assert "return_finish_reason" not in d.payload(req())
+    chunk = d.parser(req(stream=False, prompt="Q: "))({"text_output": "Q: A"})
+    assert (chunk.text, chunk.finish_reason) == ("A", None)
+
+
+@pytest.mark.parametrize("reason", ["cancelled", "timeout"])
+def test_llmapi_parser_raises_on_an_ended_request(reason: str) -> None:
+    with pytest.raises(UpstreamError, match=reason):
+        llmapi().parser(req())({"text_output": "x", "finish_reason": reason})
