@@ -123,7 +123,7 @@ def triton(workdir: Path, tiny_model_dir: Path, smollm2_dir: Path, standin_log: 
 @pytest.fixture(scope="session")
 def gateway(triton: TritonServer, workdir: Path, tiny_model_dir: Path, smollm2_dir: Path) -> Iterator[Gateway]:
     models = {TINY: (TINY, tiny_model_dir), SMOL: (SMOL, smollm2_dir)}
-    for standin in ("trtllm_standin", "vllm_standin"):
+    for standin in ("trtllm_standin", "vllm_standin", "llmapi_standin"):
         if (STANDINS / standin).exists():
             models[standin] = (standin, tiny_model_dir)
     models["missing"] = ("no-such-triton-model", tiny_model_dir)

@@ -1,4 +1,4 @@
-"""The gateway's TensorRT-LLM and vLLM adapters, against stand-ins on the real Triton.
+"""The gateway's TensorRT-LLM (ensemble and LLM API) and vLLM adapters, against stand-ins on the real Triton.
 
 The stand-ins (tests/standins) declare the exact tensors of TensorRT-LLM's ensemble and of
 the vLLM backend and fake the generation with words " w0", " w1", …; they log the inputs
@@ -19,7 +19,7 @@ pytestmark = [
     pytest.mark.triton,
     pytest.mark.skipif(not STANDINS.exists(), reason="tests/standins/model_repository is missing"),
 ]
-DIALECTS = ["trtllm_standin", "vllm_standin"]
+DIALECTS = ["trtllm_standin", "vllm_standin", "llmapi_standin"]
 
 
 def received(log: Path, model: str) -> dict[str, Any]:
@@ -34,14 +34,25 @@ def words(n: int, start: int = 0) -> str:
     return "".join(f" w{i}" for i in range(start, start + n))
 
 
+def completion_tokens(model: str, text: str, tokenizer_dir: Path) -> int:
+    """What usage must say: the backend's own count, or (LLM API model: it returns none) the
+    gateway's count with the served model's tokenizer."""
+    if model != "llmapi_standin":
+        return len(text.split())
+    from transformers import AutoTokenizer
+
+    return len(AutoTokenizer.from_pretrained(tokenizer_dir).encode(text, add_special_tokens=False))
+
+
 @pytest.mark.parametrize("model", DIALECTS)
-def test_plain_and_stream(gateway: Gateway, model: str) -> None:
+def test_plain_and_stream(gateway: Gateway, model: str, tiny_model_dir: Path) -> None:
+    expected_tokens = completion_tokens(model, words(5), tiny_model_dir)
     client = gateway.client()
     messages = [{"role": "user", "content": "hello"}]
     plain = client.chat.completions.create(model=model, messages=messages, max_tokens=5)  # type: ignore[arg-type]
     assert plain.choices[0].message.content == words(5)
     assert plain.choices[0].finish_reason == "length"
-    assert plain.usage is not None and plain.usage.completion_tokens == 5
+    assert plain.usage is not None and plain.usage.completion_tokens == expected_tokens
     chunks = list(
         client.chat.completions.create(
             model=model,
@@ -53,7 +64,7 @@ def test_plain_and_stream(gateway: Gateway, model: str) -> None:
     )
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == words(5)
     assert [ch.finish_reason for c in chunks for ch in c.choices if ch.finish_reason] == ["length"]
-    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 5
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == expected_tokens
 
 
 @pytest.mark.parametrize("model", DIALECTS)

@@ -283,7 +283,7 @@ class TestStopsBeforeAnyChange:
             ("gateway_log_requests=maybe", "argument 'gateway_log_requests' is of type .*str.* to bool"),
             ("triton_ready_timeout=soon", "argument 'triton_ready_timeout' is of type .*str.* to int"),
             ("stack_triton_grpc_port=70000", "stack_triton_grpc_port must be a port number from 1 to 65535, got 70000"),
-            ("stack_backend=vllm", "stack_backend=vllm runs in NVIDIA's Triton image: set stack_triton_runtime=container"),
+            ("stack_backend=vllm", "stack_backend=vllm runs in NVIDIA's Triton image: set stack_triton_runtime=con"),
         ],
         ids=["port-abc", "profile-unknown", "gateway-bool", "triton-int", "port-range", "backend-needs-container"],
     )
