@@ -283,9 +283,8 @@ class TestStopsBeforeAnyChange:
             ("gateway_log_requests=maybe", "argument 'gateway_log_requests' is of type .*str.* to bool"),
             ("triton_ready_timeout=soon", "argument 'triton_ready_timeout' is of type .*str.* to int"),
             ("stack_triton_grpc_port=70000", "stack_triton_grpc_port must be a port number from 1 to 65535, got 70000"),
-            ("stack_triton_runtime=container", "stack_triton_runtime=container is not implemented yet"),
         ],
-        ids=["port-abc", "profile-unknown", "gateway-bool", "triton-int", "port-range", "runtime-container"],
+        ids=["port-abc", "profile-unknown", "gateway-bool", "triton-int", "port-range"],
     )
     def test_bad_variable_fails_at_validation(
         self, host: th.TestHost, ansible: Ansible, extra: str, message: str
