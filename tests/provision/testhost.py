@@ -17,7 +17,7 @@ Library use::
 CLI::
 
     python tests/provision/testhost.py build
-    python tests/provision/testhost.py up NAME [--index N] [--no-systemd]
+    python tests/provision/testhost.py up NAME [--index N] [--no-systemd] [--docker-ready]
     python tests/provision/testhost.py down NAME
     python tests/provision/testhost.py clean [--rootfs]
 
@@ -1046,6 +1046,43 @@ def write_inventory(path: Path, hosts: Sequence[TestHost], groups: Sequence[str]
 
 # ---------------------------------------------------------------------- TestHost
 
+# docker_ready=True: make the read-only cgroup v1 controllers read-write before containerd
+# and docker start. Only the mount's own ro flag needs flipping (`remount,bind,rw`); a plain
+# `remount,rw` touches the shared superblock and fails at random with "mount point is busy".
+# Fallback: unmount and mount the hierarchy afresh.
+_CGROUP_RW_SCRIPT = r"""#!/bin/sh
+# Written by tests/provision/testhost.py (docker_ready=True): test hosts only.
+set -eu
+awk '$3 == "cgroup" { print $2, $4 }' /proc/self/mounts | while read -r dir opts; do
+  case ",$opts," in *,ro,*) ;; *) continue ;; esac
+  case ",$opts," in *,name=*) continue ;; esac  # systemd's own hierarchy: leave it
+  if ! mount -o remount,bind,rw "$dir" 2>/dev/null; then
+    ctrls=$(basename "$dir")
+    umount "$dir"
+    mount -t cgroup -o "rw,nosuid,nodev,noexec,relatime,$ctrls" cgroup "$dir"
+  fi
+  echo "testhost-cgroup-rw: $dir read-write"
+done
+"""
+
+_CGROUP_RW_UNIT = """\
+# Written by tests/provision/testhost.py (docker_ready=True): test hosts only.
+[Unit]
+Description=Test host: cgroup v1 controllers read-write for Docker (nspawn mounts them read-only)
+DefaultDependencies=no
+After=local-fs.target
+Before=containerd.service docker.service sysinit.target
+ConditionPathIsDirectory=/sys/fs/cgroup
+
+[Service]
+Type=oneshot
+RemainAfterExit=yes
+ExecStart=/usr/local/sbin/testhost-cgroup-rw
+
+[Install]
+WantedBy=multi-user.target
+"""
+
 
 class TestHost:
     """A fresh machine booted with systemd-nspawn, reachable over SSH.
@@ -1067,6 +1104,7 @@ class TestHost:
         *,
         systemd_pid1: bool = True,
         extra_setup: Callable[[Path], None] | None = None,
+        docker_ready: bool = False,
         distro: str | None = None,
         groups: Sequence[str] = ("testhosts",),
         boot_timeout: float = 180.0,
@@ -1090,6 +1128,7 @@ class TestHost:
         self.ip = str(self.net.network_address + 10 + index)
         self.systemd_pid1 = systemd_pid1
         self.extra_setup = extra_setup
+        self.docker_ready = docker_ready
         self.distro = distro
         self.groups = tuple(groups)
         self.boot_timeout = boot_timeout
@@ -1218,6 +1257,8 @@ class TestHost:
         )
         self.timings["unpack"] = time.monotonic() - t0
         self._configure_root()
+        if self.docker_ready:
+            self._prepare_for_docker()
         if self.extra_setup is not None:
             self.extra_setup(self.root)
         self.timings["configure"] = time.monotonic() - t0 - self.timings["unpack"]
@@ -1318,6 +1359,22 @@ class TestHost:
             f'Acquire::http::Proxy::{self.bridge_ip} "DIRECT";\n'
             f'Acquire::https::Proxy::{self.bridge_ip} "DIRECT";\n',
         )
+
+    def _prepare_for_docker(self) -> None:
+        """Test-only: a oneshot unit that makes the cgroup v1 controllers writable for Docker.
+
+        nspawn mounts the controllers read-only, and runc then fails with
+        `mkdir /sys/fs/cgroup/cpuset/docker: read-only file system`. A real machine needs
+        none of this, so it lives here and never in a role.
+        """
+        script = self._write("usr/local/sbin/testhost-cgroup-rw", _CGROUP_RW_SCRIPT)
+        os.chmod(script, 0o755)
+        self._write("etc/systemd/system/testhost-cgroup-rw.service", _CGROUP_RW_UNIT)
+        wants = self.root / "etc/systemd/system/multi-user.target.wants/testhost-cgroup-rw.service"
+        wants.parent.mkdir(parents=True, exist_ok=True)
+        if wants.is_symlink() or wants.exists():
+            wants.unlink()
+        wants.symlink_to("/etc/systemd/system/testhost-cgroup-rw.service")
 
     def _write(self, rel: str, text: str) -> Path:
         """Write a file inside the tree without following symlinks out of it."""
@@ -1500,6 +1557,7 @@ def _main(argv: Sequence[str] | None = None) -> int:
     up.add_argument("name")
     up.add_argument("--index", type=int, default=1)
     up.add_argument("--no-systemd", action="store_true", help="sshd as the only process")
+    up.add_argument("--docker-ready", action="store_true", help="cgroup v1 controllers writable for Docker")
     up.add_argument("--distro", choices=["ubuntu", "debian"])
     dn = sub.add_parser("down", help="stop a host")
     dn.add_argument("name")
@@ -1525,6 +1583,7 @@ def _main(argv: Sequence[str] | None = None) -> int:
             cache_dir,
             index=args.index,
             systemd_pid1=not args.no_systemd,
+            docker_ready=args.docker_ready,
             distro=args.distro,
         )
         with host:
