@@ -327,9 +327,11 @@ def test_8_docker_runs_gpu_containers(host: th.TestHost, state: dict[str, Any]) 
     if not DOCKER_READY:
         pytest.skip("testhost.TestHost has no docker_ready option yet: runc cannot create cgroups in the test host")
     t0 = time.monotonic()
-    _sh(host, f"cd / && sudo tar -cf /tmp/tiny.tar {TINY_IMAGE_FILES} && sudo docker import -q /tmp/tiny.tar tiny:gpu")
+    tar = f"cd / && sudo tar -cf /tmp/tiny.tar {TINY_IMAGE_FILES}"
+    made = _sh(host, f"{tar} && sudo docker import /tmp/tiny.tar tiny:1")
+    assert made.returncode == 0, made.stdout + made.stderr
     for flags in ("--gpus all", "--runtime=nvidia", "--runtime=nvidia --gpus all"):
-        proc = _sh(host, f"sudo docker run --rm {flags} tiny:gpu /usr/bin/echo container-ok 2>&1")
+        proc = _sh(host, f"sudo docker run --rm {flags} tiny:1 /usr/bin/echo container-ok 2>&1")
         assert proc.returncode == 0 and "container-ok" in proc.stdout, f"docker run {flags}: {proc.stdout}"
     FIGURES.append(Figure("gpu docker run --gpus / --runtime=nvidia", time.monotonic() - t0))
 
