@@ -10,8 +10,10 @@ Checked: a driver asked for on WSL fails at validation before any change; the co
 second run with changed=0; --check --diff with changed=0; no Linux driver package installed and
 none installable (the pin); the toolkit held at the older of two versions; a pre-seeded
 daemon.json key kept next to runtimes.nvidia and docker_daemon_options; `apt-get update` clean
-(no "Conflicting values set for option Signed-By"); then tests/infra/test_gpu_packages.py
-(testinfra over SSH). Figures (seconds per step, task counts) are printed at the end.
+(no "Conflicting values set for option Signed-By"); `docker run --gpus all` / `--runtime=nvidia`
+(once TestHost has docker_ready); tests/infra/test_gpu_packages.py (testinfra over SSH); a stale
+second CUDA sources entry stops the play, naming the file. Figures (seconds per step, task
+counts) are printed at the end.
 
 Needs root and systemd-nspawn (see testhost.skip_reason), equivs/dpkg-dev/apt-utils/gnupg on
 the box, and Ubuntu's archive (through the proxy) for docker.io.
@@ -385,3 +387,23 @@ def test_9_testinfra_suite(
     FIGURES.append(Figure("gpu testinfra (tests/infra over SSH)", time.monotonic() - t0, note=summary.strip("= ")))
     assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-2000:]
     assert " passed" in summary and "failed" not in summary and "skipped" not in summary, summary
+
+
+def test_10_a_second_cuda_entry_stops_the_play(
+    host: th.TestHost, ansible: Ansible, inventory: Path, repos: standin_apt.Repos, state: dict[str, Any]
+) -> None:
+    """An entry left by older instructions (no signed-by) breaks apt; the role names the file."""
+    _needs(state, "converged")
+    stale = "/etc/apt/sources.list.d/cuda.list"
+    _sh(host, f"echo 'deb {repos.cuda_repo_url}/ /' | sudo tee {stale} >/dev/null")
+    try:
+        update = _sh(host, "sudo apt-get update 2>&1")
+        assert "Conflicting values set for option Signed-By" in update.stdout, update.stdout[-2000:]
+        run = ansible.playbook("10-second-cuda-entry", inventory)
+        assert run.rc != 0, run.tail()
+        assert "Stop on a second sources entry of the repository" in run.output, run.tail()
+        words = " ".join(run.output.split())  # the callback may wrap the message
+        assert f"{stale} also list {repos.cuda_repo_url}" in words, run.tail()
+        assert run.counts().get("changed") == 0, run.recap
+    finally:
+        _sh(host, f"sudo rm -f {stale}")
