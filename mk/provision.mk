@@ -55,7 +55,7 @@ lint-ansible: $(PROVISION_STAMP) ## ansible-lint (production profile) + syntax c
 
 test-provision: $(PROVISION_STAMP) ## fresh Ubuntu 24.04 hosts (systemd-nspawn): converge, rerun, --check, testinfra (needs root)
 	STACK_CACHE=$(STACK_CACHE) TESTHOST_CACHE=$(TESTHOST_CACHE) $(ANSIBLE_BIN)/python -m pytest -q -p no:cacheprovider \
-	  -W ignore::pytest.PytestConfigWarning tests/provision/test_provision.py tests/provision/test_triton_container.py $(PROVISION_PYTEST_ARGS)
+	  -W ignore::pytest.PytestConfigWarning tests/provision/test_provision.py tests/provision/test_gpu_profile.py $(PROVISION_PYTEST_ARGS)
 
 lint: lint-ansible
 TEST_SUITES += test-provision

@@ -1,7 +1,7 @@
 """Triton's `container` runtime, seen from inside the host: unit, container, mounts, ports, limits.
 
 Runs only when the expectation file (STACK_INFRA_EXPECT) says ``"triton_runtime": "container"``
-(tests/provision/test_triton_container.py writes one); other hosts run the native runtime
+(tests/provision/test_gpu_profile.py writes one); other hosts run the native runtime
 and every test here is skipped with that reason. Expected keys besides tests/infra/conftest.py's
 defaults: ``triton_image`` (the reference the container must run), ``triton_memlock`` ("-1" or
 bytes), ``triton_shm_size`` (e.g. "2g").
@@ -101,3 +101,12 @@ def test_triton_ready_endpoints(host: Any, expect: dict[str, Any]) -> None:
     for path in ["/v2/health/ready", *(f"/v2/models/{m}/ready" for m in expect["models"])]:
         code = host.check_output(f"curl -s -o /dev/null -w '%{{http_code}}' {base}{path}")
         assert code == "200", f"{path} -> {code}"
+
+
+def test_gpus_requested_as_configured(container: dict[str, Any], expect: dict[str, Any]) -> None:
+    """`--gpus all` becomes a device request for every GPU (count -1) with the gpu capability."""
+    requests = container["HostConfig"].get("DeviceRequests") or []
+    if expect.get("triton_gpus", "") == "all":
+        assert [(r["Count"], r["Capabilities"]) for r in requests] == [(-1, [["gpu"]])], requests
+    else:
+        assert requests == [], requests
