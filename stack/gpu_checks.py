@@ -97,8 +97,21 @@ def check_nvcc(sh: Shell) -> Result:
 
 
 def _docker(sh: Shell) -> str | None:
-    rc, _ = sh("command -v docker && docker info --format '{{.ServerVersion}}'")
-    return "docker" if rc == 0 else None
+    """None when Docker answers; else why not."""
+    if sh("command -v docker")[0] != 0:
+        return "no docker command"
+    rc, out = sh("docker info --format '{{.ServerVersion}}'")
+    if rc == 0:
+        return None
+    if "permission denied" in out.lower():
+        return "permission denied"
+    return f"docker info failed: {out[-200:]}"
+
+
+NO_DOCKER_ACCESS = (
+    "this user may not use Docker (permission denied on its socket): run as root, or join the "
+    "docker group (docker_users) and log in again"
+)
 
 
 def check_docker_nvidia_runtime(sh: Shell) -> Result:
@@ -106,8 +119,11 @@ def check_docker_nvidia_runtime(sh: Shell) -> Result:
         return Result(
             "docker: nvidia runtime", "skip", "no NVIDIA Container Toolkit (the container runtime installs it)"
         )
-    if _docker(sh) is None:
-        return Result("docker: nvidia runtime", "fail", "nvidia-ctk is installed but no Docker engine answers")
+    why = _docker(sh)
+    if why == "permission denied":
+        return Result("docker: nvidia runtime", "skip", NO_DOCKER_ACCESS)
+    if why is not None:
+        return Result("docker: nvidia runtime", "fail", f"nvidia-ctk is installed but Docker does not answer: {why}")
     rc, out = sh("docker info --format '{{json .Runtimes}}'")
     if rc == 0 and '"nvidia"' in out:
         return Result("docker: nvidia runtime", "ok", "runtimes: " + ", ".join(sorted(_runtime_names(out))))
@@ -127,8 +143,11 @@ def check_docker_gpu(sh: Shell, image: str | None = None) -> Result:
     name = "docker run --gpus all … nvidia-smi"
     if gpu_device(sh) is None:
         return Result(name, "skip", NO_GPU)
-    if _docker(sh) is None:
-        return Result(name, "skip", "no Docker engine reachable")
+    why = _docker(sh)
+    if why == "permission denied":
+        return Result(name, "skip", NO_DOCKER_ACCESS)
+    if why is not None:
+        return Result(name, "skip", f"no Docker engine here ({why})")
     if image is None:
         # Any local image will do: the NVIDIA runtime mounts nvidia-smi into it. Prefer Triton's.
         rc, out = sh("docker image ls --format '{{.Repository}}:{{.Tag}}' | grep -v '<none>'")

@@ -2,7 +2,7 @@
 the host: apt sources and pins, package versions, daemon.json, docker, nvcc, PATH, the CDI spec.
 
 Runs only when the expectation file (STACK_INFRA_EXPECT) has a `gpu_profile` object, which
-tests/provision/test_gpu_packages.py writes; otherwise every test here is skipped with the reason.
+tests/provision/test_gpu_profile.py writes; otherwise every test here is skipped with the reason.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ def gpu(expect: dict[str, Any]) -> dict[str, Any]:
     if not isinstance(data, dict):
         reason = (
             "the GPU profile was not applied to this host (no `gpu_profile` in the STACK_INFRA_EXPECT file; "
-            "tests/provision/test_gpu_packages.py writes one)"
+            "tests/provision/test_gpu_profile.py writes one)"
         )
         print(f"tests/infra/test_gpu_packages.py: skipped: {reason}")
         pytest.skip(reason)

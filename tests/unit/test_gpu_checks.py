@@ -31,7 +31,8 @@ WSL_GPU = {
     r"command -v nvcc": (0, "/usr/local/cuda/bin/nvcc"),
     r"nvcc --version": (0, "nvcc: NVIDIA (R) Cuda compiler driver\nCuda compilation tools, release 12.8, V12.8.93"),
     r"command -v nvidia-ctk": (0, "/usr/bin/nvidia-ctk"),
-    r"command -v docker && docker info": (0, "/usr/bin/docker\n27.5.1"),
+    r"^command -v docker$": (0, "/usr/bin/docker"),
+    r"docker info --format '\{\{.ServerVersion\}\}'": (0, "27.5.1"),
     r"docker info --format '\{\{json .Runtimes\}\}'": (0, '{"io.containerd.runc.v2":{},"nvidia":{},"runc":{}}'),
     r"docker image ls": (0, "busybox:latest\nnvcr.io/nvidia/tritonserver:25.01-py3"),
     r"docker run --rm --gpus all": (0, "GPU 0: NVIDIA GeForce RTX 4090 (UUID: GPU-1234)"),
@@ -100,3 +101,24 @@ def test_print_results_is_false_when_one_failed() -> None:
         is False
     )
     assert gpu_checks.print_results([result("b", "skip", "why")]) is True
+
+
+def test_a_user_outside_the_docker_group_skips_the_docker_checks_with_the_reason() -> None:
+    answers = dict(WSL_GPU)
+    denied = (1, "permission denied while trying to connect to the Docker daemon socket at unix:///var/run/docker.sock")
+    answers[r"docker info --format '\{\{.ServerVersion\}\}'"] = denied
+    results = _by_name(FakeShell(answers))
+    for key in ("docker_nvidia_runtime", "docker_gpu"):
+        assert results[key].status == "skip"
+        assert results[key].detail == gpu_checks.NO_DOCKER_ACCESS
+
+
+def test_toolkit_installed_but_docker_down_fails() -> None:
+    answers = dict(WSL_GPU)
+    answers[r"docker info --format '\{\{.ServerVersion\}\}'"] = (
+        1,
+        "Cannot connect to the Docker daemon. Is it running?",
+    )
+    result = gpu_checks.check_docker_nvidia_runtime(FakeShell(answers))
+    assert result.status == "fail"
+    assert "Cannot connect to the Docker daemon" in result.detail
