@@ -52,7 +52,7 @@ def check_device_node(sh: Shell) -> Result:
     node = gpu_device(sh)
     if node is None:
         return Result("GPU device node", "skip", NO_GPU)
-    _, listing = sh("ls /dev/dxg /dev/nvidia* 2>/dev/null | tr '\\n' ' '")
+    _, listing = sh("ls -d /dev/dxg /dev/nvidia* 2>/dev/null | tr '\\n' ' '")
     return Result("GPU device node", "ok", listing.strip() or node)
 
 

@@ -24,7 +24,7 @@ class FakeShell:
 
 WSL_GPU = {
     r"^test -e /dev/dxg$": (0, ""),
-    r"^ls /dev/dxg": (0, "/dev/dxg"),
+    r"^ls -d /dev/dxg": (0, "/dev/dxg"),
     r"command -v nvidia-smi": (0, "/usr/lib/wsl/lib/nvidia-smi"),
     r"nvidia-smi --query-gpu": (0, "NVIDIA GeForce RTX 4090, 566.36, 24564 MiB"),
     r"^test -e /usr/lib/wsl/lib/libcuda.so.1$": (0, ""),
