@@ -70,7 +70,9 @@ from test_provision import (  # noqa: F401 (fixtures are found by name)
     ansible,
     cache_dir,
     host_python,
+    model_py_sha256,
     repo,
+    run_testinfra,
     vault_args,
     wheels,
     write_inventory,
@@ -275,68 +277,36 @@ class TestGpuProfile:
             assert bad not in proc.stdout, proc.stdout[-3000:]
         assert proc.stdout.count(gpu_host.bridge_ip) >= 2, proc.stdout  # both stand-in repos read
 
-    def test_8_testinfra_suite(self, gpu_host: th.TestHost, ansible: Ansible, tmp_path: Path) -> None:  # noqa: F811
+    def test_8_testinfra_suite(self, gpu_host: th.TestHost, ansible: Ansible) -> None:  # noqa: F811
         self._needs("converged")
         repos: standin_apt.Repos = gpu_host.repos  # type: ignore[attr-defined]
-        model_py = ansible.repo / "model_repository" / "llm" / "1" / "model.py"
-        import hashlib
-
-        expect = tmp_path / "expect.json"
-        expect.write_text(
-            json.dumps(
-                {
-                    "api_key_required": True,
-                    "model_device": "cpu",
-                    "model_py_sha256": hashlib.sha256(model_py.read_bytes()).hexdigest(),
-                    "triton_runtime": "container",
-                    "triton_image": gpu_host.image_ref,  # type: ignore[attr-defined]
-                    "triton_memlock": gpu_host.memlock,  # type: ignore[attr-defined]
-                    "triton_shm_size": "2g",
-                    "triton_gpus": "all",
-                    "gpu_profile": {
-                        "wsl": True,
-                        "cuda_version": CUDA_VERSION,
-                        "cuda_repo_url": repos.cuda_repo_url,
-                        "toolkit_repo_url": repos.toolkit_repo_url,
-                        "toolkit_version": TOOLKIT_PINNED,
-                        "toolkit_newer_version": TOOLKIT_NEWER,
-                        "toolkit_packages": list(TOOLKIT_PACKAGES),
-                        "decoys": list(DECOYS),
-                        "docker_source": "distro",
-                        "docker_users": [th.SSH_USER],
-                        "daemon_json": {**SEEDED_DAEMON_JSON, **DAEMON_OPTIONS},
-                        "cdi_spec": "/etc/cdi/nvidia.yaml",
-                    },
-                }
-            )
-        )
-        log = ansible.log_dir / "gpu-8-testinfra.log"
-        cmd = [
-            sys.executable,
-            "-m",
-            "pytest",
-            str(ansible.repo / "tests" / "infra"),
-            "-p",
-            "no:cacheprovider",
-            "-W",
-            "ignore::pytest.PytestConfigWarning",
-            "-q",
-            "-rA",
-            f"--hosts=ssh://{th.SSH_USER}@{gpu_host.ip}",
-            f"--ssh-config={gpu_host.ssh_config}",
-            "--sudo",
-        ]
-        t0 = time.monotonic()
-        proc = subprocess.run(
-            cmd, cwd=ansible.repo, env={**os.environ, "STACK_INFRA_EXPECT": str(expect)}, capture_output=True, text=True
-        )
-        log.write_text(proc.stdout + proc.stderr)
-        summary = (proc.stdout.strip().splitlines() or ["?"])[-1]
-        FIGURES.append(Figure("gpu-8-testinfra (tests/infra)", time.monotonic() - t0, note=summary.strip("= ")))
-        assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-2000:]
-        assert " passed" in summary and "failed" not in summary
+        expect = {
+            "api_key_required": True,
+            "model_device": "cpu",
+            "model_py_sha256": model_py_sha256(ansible),
+            "triton_runtime": "container",
+            "triton_image": gpu_host.image_ref,  # type: ignore[attr-defined]
+            "triton_memlock": gpu_host.memlock,  # type: ignore[attr-defined]
+            "triton_shm_size": "2g",
+            "triton_gpus": "all",
+            "gpu_profile": {
+                "wsl": True,
+                "cuda_version": CUDA_VERSION,
+                "cuda_repo_url": repos.cuda_repo_url,
+                "toolkit_repo_url": repos.toolkit_repo_url,
+                "toolkit_version": TOOLKIT_PINNED,
+                "toolkit_newer_version": TOOLKIT_NEWER,
+                "toolkit_packages": list(TOOLKIT_PACKAGES),
+                "decoys": list(DECOYS),
+                "docker_source": "distro",
+                "docker_users": [th.SSH_USER],
+                "daemon_json": {**SEEDED_DAEMON_JSON, **DAEMON_OPTIONS},
+                "cdi_spec": "/etc/cdi/nvidia.yaml",
+            },
+        }
+        output = run_testinfra(ansible, gpu_host, "gpu-8-testinfra", expect)
         # Only what needs a real GPU (or the native runtime) may skip, each with its reason.
-        skips = [line for line in proc.stdout.splitlines() if line.startswith("SKIPPED")]
+        skips = [line for line in output.splitlines() if line.startswith("SKIPPED")]
         unexpected = [s for s in skips if "no GPU on this machine" not in s and "native runtime" not in s]
         assert unexpected == [], "\n".join(unexpected)
 

@@ -198,6 +198,43 @@ def _stop_note(host: th.TestHost) -> str:
     return f"poweroff {host.timings.get('poweroff', 0):.1f} s, the rest is removing the host's tree"
 
 
+def run_testinfra(ansible: Ansible, host: th.TestHost, step: str, expect: dict[str, Any]) -> str:
+    """tests/infra over SSH against ``host`` with ``expect`` as STACK_INFRA_EXPECT; logged as
+    ``<step>.log``, timed, asserted to pass. Returns pytest's output (-rA: skip reasons too)."""
+    expect_file = ansible.log_dir / f"{step}.expect.json"
+    expect_file.write_text(json.dumps(expect))
+    cmd = [
+        sys.executable,
+        "-m",
+        "pytest",
+        str(ansible.repo / "tests" / "infra"),
+        "-p",
+        "no:cacheprovider",
+        "-W",
+        "ignore::pytest.PytestConfigWarning",
+        "-q",
+        "-rA",
+        f"--hosts=ssh://{th.SSH_USER}@{host.ip}",
+        f"--ssh-config={host.ssh_config}",
+        "--sudo",
+    ]
+    t0 = time.monotonic()
+    env = {**os.environ, "STACK_INFRA_EXPECT": str(expect_file)}
+    proc = subprocess.run(cmd, cwd=ansible.repo, env=env, capture_output=True, text=True)
+    (ansible.log_dir / f"{step}.log").write_text(proc.stdout + proc.stderr)
+    summary = (proc.stdout.strip().splitlines() or ["?"])[-1]
+    FIGURES.append(Figure(f"{step} (tests/infra over SSH)", time.monotonic() - t0, note=summary.strip("= ")))
+    assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-2000:]
+    assert " passed" in summary and "failed" not in summary
+    return proc.stdout
+
+
+def model_py_sha256(ansible: Ansible) -> str:
+    import hashlib
+
+    return hashlib.sha256((ansible.repo / "model_repository" / "llm" / "1" / "model.py").read_bytes()).hexdigest()
+
+
 # --------------------------------------------------------------------------- fixtures
 
 
@@ -441,49 +478,10 @@ class TestConverge:
         login_path = host.ssh("bash -lc 'echo $PATH'").stdout
         assert "/usr/lib/wsl/lib" in login_path.split(":")[-1]
 
-    def test_6_testinfra_suite(
-        self, host: th.TestHost, tmp_path: Path, ansible: Ansible, state: dict[str, Any]
-    ) -> None:
+    def test_6_testinfra_suite(self, host: th.TestHost, ansible: Ansible, state: dict[str, Any]) -> None:
         self._needs(state, "converged")
-        expect = tmp_path / "expect.json"
-        model_py = ansible.repo / "model_repository" / "llm" / "1" / "model.py"
-        import hashlib
-
-        expect.write_text(
-            json.dumps(
-                {
-                    "api_key_required": True,
-                    "model_device": "cpu",
-                    "model_py_sha256": hashlib.sha256(model_py.read_bytes()).hexdigest(),
-                }
-            )
-        )
-        log = ansible.log_dir / "6-testinfra.log"
-        cmd = [
-            sys.executable,
-            "-m",
-            "pytest",
-            str(ansible.repo / "tests" / "infra"),
-            "-p",
-            "no:cacheprovider",
-            "-W",
-            "ignore::pytest.PytestConfigWarning",
-            "-q",
-            "-rA",
-            f"--hosts=ssh://{th.SSH_USER}@{host.ip}",
-            f"--ssh-config={host.ssh_config}",
-            "--sudo",
-        ]
-        t0 = time.monotonic()
-        proc = subprocess.run(
-            cmd, cwd=ansible.repo, env={**os.environ, "STACK_INFRA_EXPECT": str(expect)}, capture_output=True, text=True
-        )
-        seconds = time.monotonic() - t0
-        log.write_text(proc.stdout + proc.stderr)
-        summary = (proc.stdout.strip().splitlines() or ["?"])[-1]
-        FIGURES.append(Figure("6-testinfra (tests/infra over SSH)", seconds, note=summary.strip("= ")))
-        assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-2000:]
-        assert " passed" in summary and "failed" not in summary
+        expect = {"api_key_required": True, "model_device": "cpu", "model_py_sha256": model_py_sha256(ansible)}
+        run_testinfra(ansible, host, "6-testinfra", expect)
 
     def test_7_make_up_on_the_host_itself(self, host: th.TestHost, ansible: Ansible, state: dict[str, Any]) -> None:
         """`make up` from a checkout on the host: .venv-ansible, site.yml on inventory/local
