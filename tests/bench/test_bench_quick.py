@@ -9,6 +9,7 @@ import re
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -38,10 +39,8 @@ def test_synthetic_model_declares_the_llm_tensors() -> None:
     assert "decoupled: true" in synthetic
 
 
-@pytest.mark.triton
-def test_quick_bench_writes_well_formed_results(tmp_path: Path) -> None:
-    out = tmp_path / "results" / "quick.json"
-    # `make bench-quick`'s code path with fewer requests per level.
+def _quick_bench(out: Path, work: Path) -> tuple[subprocess.CompletedProcess[str], list[dict[str, Any]]]:
+    """`make bench-quick`'s code path with fewer requests per level."""
     cmd = [
         sys.executable,
         "-m",
@@ -54,13 +53,34 @@ def test_quick_bench_writes_well_formed_results(tmp_path: Path) -> None:
         "--out",
         str(out),
         "--workdir",
-        str(tmp_path / "work"),
+        str(work),
     ]
     proc = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-
     rows = json.loads(out.read_text())
     assert isinstance(rows, list)
+    return proc, rows
+
+
+def _short_streams_only(rows: list[dict[str, Any]]) -> bool:
+    """Every error of the Triton and gateway rows is a stream that came back short."""
+    kinds = [k for r in rows if r["target"] in ("triton", "gateway") for k in r.get("error_kinds") or {}]
+    return bool(kinds) and set(kinds) == {"unexpected text"}
+
+
+@pytest.mark.triton
+def test_quick_bench_writes_well_formed_results(tmp_path: Path) -> None:
+    out = tmp_path / "results" / "quick.json"
+    proc, rows = _quick_bench(out, tmp_path / "work")
+    if _short_streams_only(rows):
+        # Triton 2.51 (nvidia-pytriton 0.7.0) has been seen, rarely, to end a stream early
+        # under load (bench/README.md, "Seen on this machine"): say so loudly and measure once
+        # more; a second short stream, or any other error, fails below.
+        samples = [r.get("error_samples") for r in rows if r["errors"]]
+        print(f"WARNING: short streams in the first quick bench, running it again: {samples}", file=sys.stderr)
+        out = tmp_path / "results-again" / "quick.json"
+        proc, rows = _quick_bench(out, tmp_path / "work-again")
+
     assert {(r["target"], r["mode"]) for r in rows} == {(t, m) for t in TARGETS for m in MODES}
     for row in rows:
         assert set(ROW_KEYS) <= set(row), row
