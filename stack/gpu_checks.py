@@ -9,6 +9,7 @@ installed (no CUDA toolkit, no Docker), so that the CPU profile passes them all.
 
 from __future__ import annotations
 
+import json
 import shlex
 import subprocess
 from collections.abc import Callable
@@ -131,8 +132,6 @@ def check_docker_nvidia_runtime(sh: Shell) -> Result:
 
 
 def _runtime_names(json_text: str) -> list[str]:
-    import json
-
     try:
         return list(json.loads(json_text))
     except ValueError:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -26,17 +25,13 @@ sys.path.insert(0, str(REPO))
 
 
 def gpu_name() -> tuple[str | None, str]:
-    """The first GPU's name, or None and why there is none."""
-    for smi in ("nvidia-smi", "/usr/lib/wsl/lib/nvidia-smi"):
-        path = shutil.which(smi) or (smi if Path(smi).exists() else None)
-        if path:
-            out = subprocess.run([path, "--query-gpu=name", "--format=csv,noheader"], capture_output=True, text=True)
-            if out.returncode == 0 and out.stdout.strip():
-                return out.stdout.strip().splitlines()[0], f"{path} lists it"
-            return None, f"{path} failed: {(out.stderr or out.stdout).strip()[:200]}"
-    if not (Path("/dev/dxg").exists() or Path("/dev/nvidia0").exists()):
-        return None, "no /dev/dxg (WSL) or /dev/nvidia0, and no nvidia-smi"
-    return None, "a GPU device node exists but nvidia-smi is missing"
+    """The first GPU's name, or None and why there is none (the nvidia-smi check of stack/gpu_checks)."""
+    from stack import gpu_checks
+
+    result = gpu_checks.check_nvidia_smi(gpu_checks.local_shell)
+    if result.status == "ok":
+        return result.detail.split(",")[0], "nvidia-smi lists it"
+    return None, result.detail
 
 
 def model_folder(work: Path, given: Path | None) -> Path:
