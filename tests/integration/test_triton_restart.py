@@ -17,7 +17,9 @@ from stack.triton_native import TritonServer
 from tests.integration.conftest import TINY, Gateway, gateway_config, start_gateway, start_triton
 
 pytestmark = pytest.mark.triton
-CHAT = {"model": TINY, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
+# Greedy: the tiny model then never emits EOS early (sampled, it sometimes ends an answer
+# before Triton is killed, or with fewer than max_tokens tokens).
+CHAT = {"model": TINY, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4, "temperature": 0}
 
 
 @pytest.fixture(scope="module")
@@ -41,9 +43,7 @@ def test_triton_down_then_back(own_stack: tuple[TritonServer, Gateway]) -> None:
     assert httpx.get(gw.url + "/health").status_code == 200
 
     # Killed in the middle of a stream: an error event, then [DONE].
-    # Greedy: the tiny model then never emits EOS early (sampled, it sometimes ends the answer
-    # before Triton is killed, and no error event comes).
-    body = {**CHAT, "max_tokens": 3500, "stream": True, "temperature": 0}
+    body = {**CHAT, "max_tokens": 3500, "stream": True}
     with httpx.stream("POST", gw.v1 + "/chat/completions", json=body, timeout=60) as resp:
         assert resp.status_code == 200
         lines = []
