@@ -12,9 +12,6 @@ PIP := $(PY) -m pip
 TORCH_SPEC ?= torch==2.13.0
 PIP_ARGS ?=
 
-GATEWAY_URL ?= http://127.0.0.1:9000/v1
-export GATEWAY_URL
-
 STAMP := $(VENV)/.installed
 
 .PHONY: help setup serve smoke gpu-check test test-python test-unit test-integration lint clean
@@ -41,7 +38,7 @@ smoke: ## a plain and a streaming chat completion against GATEWAY_URL
 	@if [ -x $(PY) ]; then $(PY) -m stack.smoke; else $(PYTHON) -m stack.smoke; fi
 
 gpu-check: setup ## on a GPU machine: Triton on CUDA vs CPU + gateway, one table (exits 0 without a GPU)
-	$(PY) tests/gpu/gpu_check.py
+	$(PY) -m stack.gpu_check
 
 lint: setup ## ruff + mypy
 	$(VENV)/bin/ruff check gateway stack bench tests model_repository

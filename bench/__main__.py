@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(report.table(rows))
     print()
-    print("Acceptance figures of issue 5 (information, not a gate):")
+    print("Headline figures (information, not a gate):")
     for line in report.acceptance(rows):
         print("  " + line)
     print(f"\nJSON: {config.out}" + (f"   chart: {chart}" if chart else ""))

@@ -221,7 +221,8 @@ class Runner:
 
         cfg = self.config
         smol = prepare_default_model()
-        repo = repository.render(workdir / "real-model-repository", {DEFAULT_MODEL_NAME: smol})
+        repo = workdir / "real-model-repository"
+        repository.render(repo, {DEFAULT_MODEL_NAME: smol})
         self.log(f"starting Triton with {DEFAULT_MODEL_NAME} (model_repository/llm, CPU)")
         triton = servers.start_triton(repo, [DEFAULT_MODEL_NAME], workdir / "triton-smollm2.log")
         try:

@@ -1,10 +1,10 @@
 """The processes the benchmark measures: native Triton, the gateway, LiteLLM's proxy.
 
-Triton and the gateway are started exactly as the integration tests start them (their
-helpers in ``tests/integration/conftest.py`` are reused): the real ``tritonserver`` binary
-through ``stack.triton_native.TritonServer``, and ``python -m gateway --config FILE --port P``
-as its own process. LiteLLM's proxy is its own ``litellm --config FILE`` process. Every
-port is a free one on 127.0.0.1.
+Triton and the gateway are started by the stack's own launchers, as ``make serve`` and the
+integration tests start them: the real ``tritonserver`` binary (``stack.triton_native``),
+and ``python -m gateway --config FILE --port P`` as its own process (``stack.gateway_process``).
+LiteLLM's proxy is its own ``litellm --config FILE`` process. Every port is a free one on
+127.0.0.1.
 """
 
 from __future__ import annotations
@@ -22,10 +22,11 @@ from pathlib import Path
 
 import yaml
 
+from stack import gateway_config as stack_gateway_config
+from stack.gateway_process import Gateway, start_gateway
+from stack.net import free_port
 from stack.paths import REPO_ROOT
-from stack.triton_native import TritonServer
-from tests.conftest import free_port
-from tests.integration.conftest import Gateway, gateway_config, start_gateway, start_triton
+from stack.triton_native import TritonServer, start_triton
 
 BENCH_REPOSITORY = REPO_ROOT / "bench" / "model_repository"
 SYNTHETIC = "synthetic"
@@ -42,6 +43,11 @@ __all__ = [
     "start_synthetic_triton",
     "start_triton",
 ]
+
+
+def gateway_config(triton_url: str, models: dict[str, tuple[str, Path]]) -> dict[str, object]:
+    """The stack's gateway config with a 60 s read timeout: a stalled stream fails the run fast."""
+    return stack_gateway_config.gateway_config(triton_url, models, triton_read_timeout_s=60)
 
 
 def start_synthetic_triton(workdir: Path, piece_delay_ms: float = 0.0) -> TritonServer:

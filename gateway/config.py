@@ -8,7 +8,7 @@ Example (``gateway/config.example.yaml`` has every key with comments)::
       smollm2-135m-instruct:
         triton_model: smollm2-135m-instruct
         tokenizer: /var/lib/llm/models/smollm2-135m-instruct
-        defaults: {temperature: 0.7, max_tokens: 256}
+        defaults: {temperature: 0.7}
 
 Environment overrides: ``GATEWAY_CONFIG`` (file path), ``GATEWAY_HOST``, ``GATEWAY_PORT``,
 ``GATEWAY_TRITON_URL`` (comma-separated), ``GATEWAY_API_KEY`` (or ``GATEWAY_API_KEY_FILE``).
@@ -23,13 +23,19 @@ from pathlib import Path
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 
+# The gateway's defaults, defined here only: `make serve`, `make smoke`, the model repository
+# renderer (stack/) and the Ansible roles leave these out and let them apply.
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 9000
+DEFAULT_MAX_TOKENS = 256
+
 
 class SamplingDefaults(BaseModel):
     """Used when a request leaves a field out."""
 
     model_config = ConfigDict(extra="forbid")
 
-    max_tokens: int = Field(default=256, ge=1)
+    max_tokens: int = Field(default=DEFAULT_MAX_TOKENS, ge=1)
     temperature: float | None = Field(default=None, ge=0.0, le=2.0)
     top_p: float | None = Field(default=None, gt=0.0, le=1.0)
     top_k: int | None = Field(default=None, ge=0)
@@ -67,8 +73,8 @@ class TritonSettings(BaseModel):
 class GatewaySettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    host: str = "127.0.0.1"
-    port: int = Field(default=9000, ge=1, le=65535)
+    host: str = DEFAULT_HOST
+    port: int = Field(default=DEFAULT_PORT, ge=1, le=65535)
     api_key: SecretStr | None = None
     triton: TritonSettings = TritonSettings()
     models: dict[str, ModelSettings] = Field(min_length=1)

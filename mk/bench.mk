@@ -1,4 +1,4 @@
-# Benchmark (issue 5): `make bench`, `make bench-quick`, `make bench-profile`; bench/README.md.
+# Benchmark: `make bench`, `make bench-quick`, `make bench-profile`; bench/README.md.
 # Included by the Makefile (-include mk/*.mk). The `bench` extra of pyproject.toml (LiteLLM's
 # proxy, matplotlib, psutil, py-spy) goes into $(VENV) on first use.
 

@@ -16,9 +16,8 @@ PROVISION_PYTEST_ARGS ?=
 ANSIBLE_STAMP := $(ANSIBLE_VENV)/.ansible-installed
 PROVISION_STAMP := $(ANSIBLE_VENV)/.provision-installed
 
-# The `provision` group of pyproject.toml (ansible, ansible-lint, pytest-testinfra, proxy.py):
-# one list for both stamps; `make up` takes only its ansible entry.
-provision_reqs = $(shell $(PYTHON) -c 'import re,sys; t=open("pyproject.toml").read(); b=re.search(r"^provision = \[(.*?)^\]", t, re.S|re.M).group(1); print(" ".join(repr(r) for r in re.findall(r"\"([^\"]+)\"", b)))')
+# The dependency groups of pyproject.toml: `ansible` for `make up`, `provision` (ansible,
+# ansible-lint, pytest-testinfra, proxy.py) for the tests; pip >= 25.1 reads them itself.
 
 .PHONY: up lint-ansible test-provision test-engine
 
@@ -30,11 +29,11 @@ $(ANSIBLE_STAMP): pyproject.toml
 	  $$sudo apt-get update -q && $$sudo apt-get install -y -q python3-venv; fi
 	@test -x $(ANSIBLE_BIN)/python || $(PYTHON) -m venv $(ANSIBLE_VENV)
 	$(ANSIBLE_BIN)/python -m pip install -q --upgrade pip
-	$(ANSIBLE_BIN)/python -m pip install -q $(filter 'ansible%,$(filter-out 'ansible-lint%,$(provision_reqs)))
+	$(ANSIBLE_BIN)/python -m pip install -q --group ansible
 	@touch $@
 
 $(PROVISION_STAMP): $(ANSIBLE_STAMP) pyproject.toml
-	$(ANSIBLE_BIN)/python -m pip install -q $(provision_reqs)
+	$(ANSIBLE_BIN)/python -m pip install -q --group provision
 	@touch $@
 
 # With an API key set, export GATEWAY_API_KEY for the final smoke (the play's own smoke

@@ -1,5 +1,5 @@
 """GPU checks, written once for three callers: ``make smoke`` (this machine),
-``tests/infra/test_gpu.py`` (testinfra, locally or over SSH) and ``tests/gpu/gpu_check.py``.
+``tests/infra/test_gpu.py`` (testinfra, locally or over SSH) and ``stack/gpu_check.py`` (``make gpu-check``).
 
 Each check runs shell commands through a ``Shell`` (local subprocess or testinfra's
 ``host.run``) and returns a ``Result``: ok, fail, or skip with the reason. The checks that

@@ -16,6 +16,7 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from stack.paths import cache_dir
 
@@ -35,7 +36,8 @@ def _log(msg: str) -> None:
     print(f"[models] {msg}", file=sys.stderr, flush=True)
 
 
-def _file_digest(path: Path) -> str:
+def file_digest(path: Path) -> str:
+    """SHA-256 of a file, read in 1 MiB blocks."""
     h = hashlib.sha256()
     with path.open("rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -68,7 +70,7 @@ def prepare_default_model(dest_root: Path | None = None) -> Path:
     import transformers
 
     gguf = default_gguf()
-    key = hashlib.sha256(f"{_file_digest(gguf)}:{transformers.__version__}".encode()).hexdigest()[:12]
+    key = hashlib.sha256(f"{file_digest(gguf)}:{transformers.__version__}".encode()).hexdigest()[:12]
     dest_root = dest_root or cache_dir() / "models"
     dest = dest_root / f"{DEFAULT_MODEL_NAME}-{key}"
     if (dest / "model.safetensors").exists() and (dest / "tokenizer.json").exists():
@@ -113,10 +115,27 @@ _TINY_CORPUS = [
 ]
 
 
-def build_tiny_model(dest: Path, seed: int = 0) -> Path:
-    """Build (or reuse) a tiny Llama with a byte-level BPE tokenizer and ChatML template."""
+# SmolLM2-135M's shape (``make gpu-check`` without the embedded model: tokens/s depends on it).
+SMOLLM2_SHAPE = {
+    "hidden_size": 576,
+    "intermediate_size": 1536,
+    "num_hidden_layers": 30,
+    "num_attention_heads": 9,
+    "num_key_value_heads": 3,
+    "max_position_embeddings": 8192,
+}
+
+
+def build_tiny_model(dest: Path, seed: int = 0, shape: dict[str, int] | None = None) -> Path:
+    """Build (or reuse) a tiny Llama with a byte-level BPE tokenizer and ChatML template.
+
+    ``shape`` overrides the Llama's sizes (e.g. ``SMOLLM2_SHAPE``): random weights of a real
+    model's shape with the tiny tokenizer.
+    """
     marker = dest / "tiny-model.json"
-    spec = {"version": _TINY_VERSION, "seed": seed}
+    spec: dict[str, object] = {"version": _TINY_VERSION, "seed": seed}
+    if shape:
+        spec["shape"] = shape
     if marker.exists() and json.loads(marker.read_text()) == spec:
         return dest
 
@@ -145,18 +164,22 @@ def build_tiny_model(dest: Path, seed: int = 0) -> Path:
     tokenizer.chat_template = CHATML_TEMPLATE
 
     torch.manual_seed(seed)
+    sizes: dict[str, Any] = {
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 4096,
+        **(shape or {}),
+    }
     config = LlamaConfig(
         vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=4096,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
         tie_word_embeddings=True,
+        **sizes,
     )
     model = LlamaForCausalLM(config)
     model.generation_config.eos_token_id = tokenizer.eos_token_id

@@ -1,40 +1,135 @@
-"""Render a Triton model repository that serves model folders through the ``llm`` model."""
+"""The Triton model repository of the ``llm`` model: the one code that renders it.
+
+Each served name gets ``<dest>/<name>/config.pbtxt`` (the template's with ``model_path``,
+``device`` and ``default_max_tokens`` filled in) and ``<dest>/<name>/1/model.py``.
+``make serve``, ``make gpu-check``, the tests and the Ansible role ``triton`` call it.
+
+CLI (the Ansible role)::
+
+    python -m stack.repository --dest DIR --model NAME=FOLDER [--model ...] [--device auto|cpu|cuda]
+                               [--template DIR] [--check]
+
+Prints one JSON line ``{"changed": bool, "dest": DIR, "models": [...]}``; exits 2 on bad input.
+"""
 
 from __future__ import annotations
 
+import argparse
+import filecmp
+import json
 import re
 import shutil
-from collections.abc import Mapping
+import sys
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+from gateway.config import DEFAULT_MAX_TOKENS
 from stack.paths import MODEL_REPOSITORY
 
 LLM_TEMPLATE = MODEL_REPOSITORY / "llm"
+DEVICES = ("auto", "cpu", "cuda")
+# Triton model names: what Triton accepts as a folder name and the gateway as "model".
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
-def render_llm_config(model_path: Path, device: str = "auto") -> str:
+class RepositoryError(ValueError):
+    """The template or the request is wrong; the message says which."""
+
+
+def render_llm_config(model_path: Path, device: str = "auto", template: Path = LLM_TEMPLATE) -> str:
     """The ``llm`` config with its parameters filled in for one model folder."""
-    text = (LLM_TEMPLATE / "config.pbtxt").read_text()
-    for key, value in (("model_path", str(model_path)), ("device", device)):
+    if device not in DEVICES:
+        raise RepositoryError(f"device must be one of {', '.join(DEVICES)}, got {device!r}")
+    text = (template / "config.pbtxt").read_text()
+    values = {"model_path": str(model_path), "device": device, "default_max_tokens": str(DEFAULT_MAX_TOKENS)}
+    for key, value in values.items():
         pattern = rf'(key: "{key}", value: {{ string_value: )"[^"]*"'
-        replacement = f'\\g<1>"{value}"'
-        text, count = re.subn(pattern, replacement, text)
+        # A function, not a replacement string: a path must not be read as backreferences.
+        text, count = re.subn(pattern, lambda m: f'{m.group(1)}"{value}"', text)  # noqa: B023 - used at once
         if count != 1:
-            raise ValueError(f"llm config template has no single parameter {key!r}")
+            raise RepositoryError(f"{template / 'config.pbtxt'} has no single parameter {key!r}")
     return text
 
 
-def render(dest: Path, models: Mapping[str, Path], device: str = "auto") -> Path:
-    """Write ``dest/<name>/{config.pbtxt,1/model.py}`` for each served name → model folder.
+def _same_tree(a: Path, b: Path) -> bool:
+    if not b.is_dir():
+        return False
+    cmp = filecmp.dircmp(a, b, ignore=["__pycache__"])
+    if cmp.left_only or cmp.right_only or cmp.funny_files:
+        return False
+    _, mismatch, errors = filecmp.cmpfiles(a, b, cmp.common_files, shallow=False)
+    return not mismatch and not errors and all(_same_tree(a / d, b / d) for d in cmp.common_dirs)
 
-    The folder is rebuilt from scratch so models removed from ``models`` disappear too.
+
+def render(
+    dest: Path,
+    models: Mapping[str, Path],
+    device: str = "auto",
+    template: Path = LLM_TEMPLATE,
+    check: bool = False,
+    devices: Mapping[str, str] | None = None,
+) -> bool:
+    """Make ``dest`` hold exactly ``models`` (served name → model folder); return whether it changed.
+
+    ``devices`` overrides ``device`` for some names (``make gpu-check`` runs one copy on each).
+
+    Rendered beside ``dest`` and swapped in only when it differs, so an unchanged repository
+    keeps its files (and Triton no restart) and a half-written one is never seen.
     """
-    tmp = dest.with_name(dest.name + ".tmp")
+    for name in models:
+        if not _NAME.match(name):
+            raise RepositoryError(f"{name!r} is not a valid Triton model name (letters, digits, . _ -)")
+    if not (template / "1" / "model.py").is_file():
+        raise RepositoryError(f"{template} is not the llm template (no 1/model.py)")
+    tmp = dest.with_name(f".{dest.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    for name, model_path in models.items():
-        (tmp / name / "1").mkdir(parents=True)
-        shutil.copy2(LLM_TEMPLATE / "1" / "model.py", tmp / name / "1" / "model.py")
-        (tmp / name / "config.pbtxt").write_text(render_llm_config(model_path, device))
-    shutil.rmtree(dest, ignore_errors=True)
-    tmp.rename(dest)
-    return dest
+    tmp.mkdir(parents=True)
+    try:
+        for name, model_path in models.items():
+            (tmp / name / "1").mkdir(parents=True)
+            shutil.copyfile(template / "1" / "model.py", tmp / name / "1" / "model.py")
+            (tmp / name / "config.pbtxt").write_text(
+                render_llm_config(model_path, (devices or {}).get(name, device), template)
+            )
+        changed = not _same_tree(tmp, dest)
+        if changed and not check:
+            old = dest.with_name(f".{dest.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            if dest.exists():
+                dest.rename(old)
+            tmp.rename(dest)
+            shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return changed
+
+
+def _model_arg(text: str) -> tuple[str, Path]:
+    name, sep, folder = text.partition("=")
+    if not sep or not name or not folder:
+        raise argparse.ArgumentTypeError(f"expected NAME=FOLDER, got {text!r}")
+    return name, Path(folder)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m stack.repository", description=__doc__.splitlines()[0])
+    parser.add_argument("--dest", type=Path, required=True, help="the model repository folder")
+    parser.add_argument("--model", type=_model_arg, action="append", required=True, metavar="NAME=FOLDER")
+    parser.add_argument("--device", default="auto", choices=DEVICES)
+    parser.add_argument("--template", type=Path, default=LLM_TEMPLATE, help="the llm template folder")
+    parser.add_argument("--check", action="store_true", help="only say whether the folder would change")
+    args = parser.parse_args(argv)
+    models = dict(args.model)
+    if len(models) != len(args.model):
+        parser.error("a model name is given twice")
+    try:
+        changed = render(args.dest, models, args.device, args.template, check=args.check)
+    except (OSError, RepositoryError) as exc:
+        print(f"stack.repository: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps({"changed": changed, "dest": str(args.dest), "models": sorted(models)}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

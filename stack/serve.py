@@ -7,33 +7,16 @@ otherwise. Ctrl-C stops both.
 
 from __future__ import annotations
 
-import logging
-import os
 import signal
 import sys
-from pathlib import Path
+import time
 
-import yaml
-
-from gateway.__main__ import run as run_gateway
-from gateway.app import create_app
-from gateway.config import load_settings
 from stack import repository
+from stack.gateway_config import gateway_config
+from stack.gateway_process import GatewayError, start_gateway
 from stack.models import DEFAULT_MODEL_NAME, prepare_default_model
 from stack.paths import cache_dir
-from stack.triton_native import TritonError, TritonServer
-
-
-def write_gateway_config(path: Path, triton_url: str, models: dict[str, Path]) -> Path:
-    config = {
-        "host": "127.0.0.1",
-        "port": 9000,
-        "triton": {"urls": [triton_url]},
-        "models": {name: {"triton_model": name, "tokenizer": str(folder)} for name, folder in models.items()},
-    }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(yaml.safe_dump(config, sort_keys=False))
-    return path
+from stack.triton_native import TritonError, ports_from_env, start_triton
 
 
 def _exit_on_sigterm(signum: int, frame: object) -> None:
@@ -41,41 +24,39 @@ def _exit_on_sigterm(signum: int, frame: object) -> None:
 
 
 def main() -> int:
-    # uvicorn re-raises SIGTERM after its own shutdown; as SystemExit it still lets the
-    # `finally` below stop Triton (the default action would kill us first).
+    # SIGTERM as SystemExit still runs the `finally` below, which stops both processes.
     signal.signal(signal.SIGTERM, _exit_on_sigterm)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    env = os.environ
-    http_port = int(env.get("TRITON_HTTP_PORT", 8000))
     work = cache_dir() / "serve"
     models = {DEFAULT_MODEL_NAME: prepare_default_model()}
-    repo = repository.render(work / "model_repository", models)
-    server = TritonServer(
-        repo,
-        http_port=http_port,
-        grpc_port=int(env.get("TRITON_GRPC_PORT", 8001)),
-        metrics_port=int(env.get("TRITON_METRICS_PORT", 8002)),
-        log_file=work / "triton.log",
-    )
-    print(f"starting Triton on 127.0.0.1:{http_port} (log: {server.log_file})", flush=True)
+    repository.render(work / "model_repository", models)
+    ports = ports_from_env()
+    print(f"starting Triton on 127.0.0.1:{ports['http']} (log: {work / 'triton.log'})", flush=True)
+    triton = gateway = None
     try:
-        server.start()
-        server.wait_ready(list(models))
-        config = write_gateway_config(work / "gateway.yaml", server.url, models)
-        settings = load_settings(config)  # GATEWAY_HOST / GATEWAY_PORT / GATEWAY_API_KEY apply
-        print(
-            f"Triton ready; gateway on http://{settings.host}:{settings.port}/v1 "
-            f"serving {', '.join(models)} (Ctrl-C stops both)",
-            flush=True,
-        )
-        run_gateway(create_app(settings), settings.host, settings.port)
-    except TritonError as exc:
+        triton = start_triton(work / "model_repository", list(models), work / "triton.log", ports=ports)
+        config = gateway_config(triton.url, {name: (name, folder) for name, folder in models.items()})
+        # Host and port from GATEWAY_HOST / GATEWAY_PORT or the gateway's defaults; its log on this terminal.
+        gateway = start_gateway(config, work, port=None, log_level="info", log=False)
+        print(f"Triton ready; gateway on {gateway.v1} serving {', '.join(models)} (Ctrl-C stops both)", flush=True)
+        while True:  # until Ctrl-C, or until one of them dies
+            for name, process in (("gateway", gateway.process), ("Triton", triton.process)):
+                if process is not None and process.poll() is not None:
+                    print(f"serve: {name} exited with code {process.returncode}", file=sys.stderr)
+                    return 1
+            time.sleep(0.5)
+    except (TritonError, GatewayError) as exc:
         print(f"serve: {exc}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        return 0
     finally:
-        print("stopping Triton", flush=True)
-        server.stop()
-    return 0
+        # A second Ctrl-C must not cut the clean-up short: Triton runs in its own session.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        print("stopping the gateway and Triton", flush=True)
+        if gateway:
+            gateway.stop()
+        if triton:
+            triton.stop()
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 """``make smoke``: is the gateway up, does a chat completion round trip work, and does this
 machine's GPU stack answer (stack/gpu_checks.py: each GPU check skips without a GPU)?
 
-Against ``GATEWAY_URL`` (default http://127.0.0.1:9000/v1) with the official ``openai``
+Against ``GATEWAY_URL`` (default: the gateway's default address, or ``GATEWAY_PORT`` when
+set: http://127.0.0.1:9000/v1) with the official ``openai``
 client: one plain and one streaming chat completion. Prints what it got; exits non-zero on
 any failure. ``GATEWAY_API_KEY`` is sent when set; ``SMOKE_MODEL`` picks the model (default:
 the first one the gateway lists).
@@ -14,6 +15,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Mapping
 
 QUESTION = "What is the capital of France? Answer in one sentence."
 
@@ -23,10 +25,17 @@ def _check(ok: bool, what: str) -> bool:
     return ok
 
 
+def default_url(env: Mapping[str, str] = os.environ) -> str:
+    """Where ``make serve`` and a default install put the gateway (gateway/config.py's defaults)."""
+    from gateway.config import DEFAULT_HOST, DEFAULT_PORT
+
+    return f"http://{DEFAULT_HOST}:{env.get('GATEWAY_PORT') or DEFAULT_PORT}/v1"
+
+
 def main() -> int:
     from openai import OpenAI, OpenAIError
 
-    base_url = os.environ.get("GATEWAY_URL", "http://127.0.0.1:9000/v1").rstrip("/")
+    base_url = (os.environ.get("GATEWAY_URL") or default_url()).rstrip("/")
     api_key = os.environ.get("GATEWAY_API_KEY") or "not-needed"
     print(f"smoke test against {base_url}")
     results: list[bool] = []

@@ -14,18 +14,25 @@ import contextlib
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import sysconfig
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from stack.net import free_port, port_in_use
 from stack.paths import cache_dir
+
+# Triton's own default ports; TRITON_HTTP_PORT / TRITON_GRPC_PORT / TRITON_METRICS_PORT override.
+DEFAULT_PORTS = {"http": 8000, "grpc": 8001, "metrics": 8002}
+
+
+def ports_from_env(env: Mapping[str, str] = os.environ) -> dict[str, int]:
+    return {kind: int(env.get(f"TRITON_{kind.upper()}_PORT") or port) for kind, port in DEFAULT_PORTS.items()}
 
 
 class TritonError(RuntimeError):
@@ -99,9 +106,9 @@ class TritonServer:
     """One tritonserver process: ``start()``, ``wait_ready()``, ``stop()`` (or use ``with``)."""
 
     model_repository: Path
-    http_port: int = 8000
-    grpc_port: int = 8001
-    metrics_port: int = 8002
+    http_port: int = DEFAULT_PORTS["http"]
+    grpc_port: int = DEFAULT_PORTS["grpc"]
+    metrics_port: int = DEFAULT_PORTS["metrics"]
     host: str = "127.0.0.1"
     log_file: Path | None = None
     extra_args: Sequence[str] = ()
@@ -142,12 +149,7 @@ class TritonServer:
         return env
 
     def ports_in_use(self) -> list[int]:
-        busy = []
-        for port in (self.http_port, self.grpc_port, self.metrics_port):
-            with socket.socket() as sock:
-                if sock.connect_ex((self.host, port)) == 0:
-                    busy.append(port)
-        return busy
+        return [p for p in (self.http_port, self.grpc_port, self.metrics_port) if port_in_use(self.host, p)]
 
     def start(self) -> TritonServer:
         if self.process and self.process.poll() is None:
@@ -227,13 +229,44 @@ class TritonServer:
         self.stop()
 
 
+def start_triton(
+    repo: Path,
+    models: Sequence[str],
+    log: Path | None = None,
+    env: Mapping[str, str] | None = None,
+    timeout: float = 300.0,
+    ports: Mapping[str, int] | None = None,
+) -> TritonServer:
+    """Start Triton on ``repo`` and wait until it and ``models`` are ready (stopped again on failure).
+
+    ``ports`` maps http/grpc/metrics to ports; free ones are picked when it is left out.
+    """
+    chosen = dict(ports) if ports else {kind: free_port() for kind in DEFAULT_PORTS}
+    server = TritonServer(
+        repo,
+        http_port=chosen["http"],
+        grpc_port=chosen["grpc"],
+        metrics_port=chosen["metrics"],
+        log_file=log,
+        env=dict(env or {}),
+    )
+    server.start()
+    try:
+        server.wait_ready(models, timeout=timeout)
+    except BaseException:
+        server.stop()
+        raise
+    return server
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Run the native tritonserver from nvidia-pytriton.")
+    ports = ports_from_env()
     parser.add_argument("--model-repository", type=Path, required=True)
     parser.add_argument("--host", default=os.environ.get("TRITON_HOST", "127.0.0.1"))
-    parser.add_argument("--http-port", type=int, default=int(os.environ.get("TRITON_HTTP_PORT", 8000)))
-    parser.add_argument("--grpc-port", type=int, default=int(os.environ.get("TRITON_GRPC_PORT", 8001)))
-    parser.add_argument("--metrics-port", type=int, default=int(os.environ.get("TRITON_METRICS_PORT", 8002)))
+    parser.add_argument("--http-port", type=int, default=ports["http"])
+    parser.add_argument("--grpc-port", type=int, default=ports["grpc"])
+    parser.add_argument("--metrics-port", type=int, default=ports["metrics"])
     parser.add_argument("--print-command", action="store_true", help="print the command line and exit")
     args, extra = parser.parse_known_args(argv)
     server = TritonServer(

@@ -6,8 +6,9 @@ import time
 
 import pytest
 
+from stack.gateway_process import Gateway
 from stack.triton_native import TritonServer
-from tests.integration.conftest import TINY, Gateway, triton_metric
+from tests.integration.conftest import TINY, triton_metric
 
 pytestmark = pytest.mark.triton
 

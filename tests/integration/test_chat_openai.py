@@ -10,7 +10,8 @@ import orjson
 import pytest
 from transformers import AutoTokenizer
 
-from tests.integration.conftest import SMOL, TINY, Gateway
+from stack.gateway_process import Gateway
+from tests.integration.conftest import SMOL, TINY
 
 pytestmark = pytest.mark.triton
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]

@@ -13,7 +13,8 @@ from typing import Any
 
 import pytest
 
-from tests.integration.conftest import STANDINS, Gateway
+from stack.gateway_process import Gateway
+from tests.integration.conftest import STANDINS
 
 pytestmark = [
     pytest.mark.triton,

@@ -1,4 +1,4 @@
-"""tests/gpu/gpu_check.py (`make gpu-check`) as a user runs it, on this machine.
+"""stack/gpu_check.py (`make gpu-check`) as a user runs it, on this machine.
 
 Without a GPU it must say so and exit 0; `--rehearse-on-cpu` runs its whole path (Triton
 with two copies of the model, the gateway, the measurements, the round trip) on the CPU.
@@ -16,12 +16,10 @@ import pytest
 from stack import gpu_checks
 from stack.paths import REPO_ROOT
 
-SCRIPT = REPO_ROOT / "tests" / "gpu" / "gpu_check.py"
-
 
 def _run(*args: str, timeout: float) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, str(SCRIPT), *args], capture_output=True, text=True, timeout=timeout, cwd=REPO_ROOT
+        [sys.executable, "-m", "stack.gpu_check", *args], capture_output=True, text=True, timeout=timeout, cwd=REPO_ROOT
     )
 
 

@@ -13,8 +13,9 @@ import orjson
 import pytest
 
 from stack import repository
-from stack.triton_native import TritonServer
-from tests.integration.conftest import TINY, Gateway, gateway_config, start_gateway, start_triton
+from stack.gateway_process import Gateway, start_gateway
+from stack.triton_native import TritonServer, start_triton
+from tests.integration.conftest import TINY, gateway_config_for_tests
 
 pytestmark = pytest.mark.triton
 # Greedy: the tiny model then never emits EOS early (sampled, it sometimes ends an answer
@@ -24,9 +25,10 @@ CHAT = {"model": TINY, "messages": [{"role": "user", "content": "hi"}], "max_tok
 
 @pytest.fixture(scope="module")
 def own_stack(workdir: Path, tiny_model_dir: Path) -> Iterator[tuple[TritonServer, Gateway]]:
-    repo = repository.render(workdir / "restart_repository", {TINY: tiny_model_dir})
+    repo = workdir / "restart_repository"
+    repository.render(repo, {TINY: tiny_model_dir})
     server = start_triton(repo, [TINY], workdir / "triton-restart.log")
-    gw = start_gateway(gateway_config(server.url, {TINY: (TINY, tiny_model_dir)}), workdir)
+    gw = start_gateway(gateway_config_for_tests(server.url, {TINY: (TINY, tiny_model_dir)}), workdir)
     yield server, gw
     gw.stop()
     server.stop()

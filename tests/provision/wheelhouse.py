@@ -55,8 +55,8 @@ def requirements(torch_spec: str, repo: Path = REPO) -> tuple[list[str], list[st
     reqs += defaults["python_env_extra_packages"]
     # The host builds the project from its sources: the build backend must be there too.
     reqs += [*pyproject["build-system"]["requires"], "wheel"]
-    # `make up` on the host itself installs Ansible (the provision group's `ansible` entry).
-    reqs += [r for r in project["optional-dependencies"]["provision"] if re.match(r"ansible\b(?!-)", r)]
+    # `make up` on the host itself installs Ansible (pyproject's `ansible` dependency group).
+    reqs += pyproject["dependency-groups"]["ansible"]
     return sorted(set(reqs)), sorted(set(defaults["python_env_nodeps_packages"]))
 
 

@@ -175,7 +175,14 @@ class TritonPythonModel:
         dtype = torch.float16 if self.device.type == "cuda" else torch.float32
         self.tokenizer = AutoTokenizer.from_pretrained(path)
         self.model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(self.device).eval()
-        self.default_max_tokens = int(params.get("default_max_tokens") or 256)
+        try:
+            # Filled in by stack.repository from the gateway's default: one value for both.
+            self.default_max_tokens = int(params.get("default_max_tokens", ""))
+        except ValueError:
+            raise pb_utils.TritonModelException(
+                f"model {self.model_name}: parameter default_max_tokens is not a number: "
+                "render the repository with `python -m stack.repository`"
+            ) from None
         self.add_special_tokens = (params.get("add_special_tokens") or "false").lower() == "true"
         self.context_limit = int(getattr(self.model.config, "max_position_embeddings", 0) or 0)
         eos = self.model.generation_config.eos_token_id

