@@ -42,6 +42,24 @@ class GenerationChunk:
     completion_tokens: int | None = None
 
 
+class Reports(Protocol):
+    """What a piece may report besides its text; the later report wins."""
+
+    finish_reason: str | None
+    prompt_tokens: int | None
+    completion_tokens: int | None
+
+
+def take_reports(into: Reports, later: GenerationChunk) -> None:
+    """Copy ``later``'s finish reason and token counts onto ``into`` where it has them."""
+    if later.finish_reason is not None:
+        into.finish_reason = later.finish_reason
+    if later.prompt_tokens is not None:
+        into.prompt_tokens = later.prompt_tokens
+    if later.completion_tokens is not None:
+        into.completion_tokens = later.completion_tokens
+
+
 class Engine(Protocol):
     def generate(self, model: str, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
         """Yield the answer's pieces (one chunk when not streaming).

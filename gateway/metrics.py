@@ -31,15 +31,8 @@ class GatewayMetrics:
             buckets=_TTFT_BUCKETS,
             registry=self.registry,
         )
-        self.completion_tokens = Counter(
-            "gateway_completion_tokens",
-            "Tokens generated",
-            ["model"],
-            registry=self.registry,
-        )
-        self.prompt_tokens = Counter(
-            "gateway_prompt_tokens",
-            "Prompt tokens processed",
-            ["model"],
-            registry=self.registry,
-        )
+        self.completion_tokens = self._per_model("gateway_completion_tokens", "Tokens generated")
+        self.prompt_tokens = self._per_model("gateway_prompt_tokens", "Prompt tokens processed")
+
+    def _per_model(self, name: str, documentation: str) -> Counter:
+        return Counter(name, documentation, ["model"], registry=self.registry)

@@ -1,10 +1,13 @@
 """OpenAI Chat Completions / Completions / Models, as Pydantic v2 models.
 
 Pure data: no I/O, no knowledge of Triton. Request models validate what the OpenAI API
-validates (ranges, types, required fields) so the serving layer can trust them; response
-models are used for the non-streaming bodies and to document the schema. Stream chunks are
-written by ``gateway.sse`` from pre-serialised templates instead, to keep per-token work
-small (the shapes are the ``ChatCompletionChunk`` / ``CompletionChunk`` models below).
+validates (ranges, types, required fields) so the serving layer can trust them.
+
+The response models are the documented schema of what the gateway sends, not the code
+that sends it: ``gateway.responses`` writes every answer (whole bodies with orjson, stream
+chunks from pre-serialised templates, so that no answer pays for Pydantic), and the tests
+validate what it writes against these models. ``ModelCard`` / ``ModelList`` are the
+exception: FastAPI serialises those answers from the models themselves.
 """
 
 from __future__ import annotations
@@ -66,6 +69,9 @@ class SamplingFields(BaseModel):
     top_k: int | None = Field(default=None, ge=-1)
     repetition_penalty: float | None = Field(default=None, gt=0.0, le=10.0)
 
+    def token_limit(self) -> int | None:
+        return self.max_tokens
+
     def stop_list(self) -> list[str]:
         if self.stop is None:
             return []
@@ -101,9 +107,6 @@ class CompletionRequest(SamplingFields):
     suffix: str | None = None
     best_of: int | None = None
 
-    def token_limit(self) -> int | None:
-        return self.max_tokens
-
 
 # ----------------------------------------------------------------------------- responses
 
@@ -122,21 +125,14 @@ class AssistantMessage(BaseModel):
     refusal: None = None
 
 
-class ChatChoice(BaseModel):
+class _Choice(BaseModel):
     index: int
-    message: AssistantMessage
     logprobs: None = None
+
+
+class ChatChoice(_Choice):
+    message: AssistantMessage
     finish_reason: FinishReason
-
-
-class ChatCompletionResponse(BaseModel):
-    id: str
-    object: Literal["chat.completion"] = "chat.completion"
-    created: int
-    model: str
-    choices: list[ChatChoice]
-    usage: Usage
-    system_fingerprint: str | None = None
 
 
 class ChunkDelta(BaseModel):
@@ -144,34 +140,44 @@ class ChunkDelta(BaseModel):
     content: str | None = None
 
 
-class ChunkChoice(BaseModel):
-    index: int
+class ChunkChoice(_Choice):
     delta: ChunkDelta
-    logprobs: None = None
     finish_reason: FinishReason | None = None
 
 
-class ChatCompletionChunk(BaseModel):
+class CompletionChoice(_Choice):
+    text: str
+    finish_reason: FinishReason | None
+
+
+class Answer(BaseModel):
+    """What every answer and chunk starts with (``object`` comes between ``id`` and
+    ``created`` on the wire; the subclasses name it)."""
+
     id: str
-    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
     created: int
     model: str
+
+
+class ChatCompletionResponse(Answer):
+    object: Literal["chat.completion"] = "chat.completion"
+    choices: list[ChatChoice]
+    usage: Usage
+    system_fingerprint: str | None = None
+
+
+class ChatCompletionChunk(Answer):
+    """A streamed chunk; the usage chunk (``include_usage``) has no choices."""
+
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
     choices: list[ChunkChoice]
     usage: Usage | None = None
 
 
-class CompletionChoice(BaseModel):
-    index: int
-    text: str
-    logprobs: None = None
-    finish_reason: FinishReason | None
+class CompletionResponse(Answer):
+    """A whole text completion, and each of its streamed chunks (same object name)."""
 
-
-class CompletionResponse(BaseModel):
-    id: str
     object: Literal["text_completion"] = "text_completion"
-    created: int
-    model: str
     choices: list[CompletionChoice]
     usage: Usage | None = None
 

@@ -1,23 +1,21 @@
-"""Serving logic: OpenAI requests in, engine generations out, OpenAI answers back.
+"""Serving logic: OpenAI requests in, a ``Run`` per request, OpenAI answers back.
 
 No FastAPI here: the routers hand over validated protocol models and get back either a
-JSON body or an async iterator of SSE bytes. Errors are ``APIError``; an error before the
+JSON body or an async iterator of SSE bytes. This module checks what a request asks for
+and turns it into engine requests (one per choice); ``gateway.run.Run`` carries it out,
+and ``gateway.responses`` writes the answer. Errors are ``APIError``; an error before the
 first generated piece surfaces as the HTTP status, an error after it as an SSE event.
 """
 
 from __future__ import annotations
 
-import asyncio
-import secrets
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field, replace
 
-import orjson
-
 from gateway.config import GatewaySettings, ModelSettings
-from gateway.engine import Engine, GenerationChunk, GenerationRequest
-from gateway.errors import APIError, invalid_request, model_not_found
+from gateway.engine import Engine, GenerationRequest
+from gateway.errors import invalid_request, model_not_found
 from gateway.metrics import GatewayMetrics
 from gateway.protocol import (
     UNSUPPORTED_CHAT_FIELDS,
@@ -27,11 +25,11 @@ from gateway.protocol import (
     ModelList,
     SamplingFields,
 )
-from gateway.sse import DONE, ChatChunks, CompletionChunks, error_event
+from gateway.responses import ChatShape, CompletionShape, Shape
+from gateway.run import Prompt, Run
 from gateway.tokenizer import ChatTokenizer
 
 _UINT64 = (1 << 64) - 1
-Item = tuple[int, GenerationChunk | None]  # (choice index, chunk); None marks that choice's end
 
 
 @dataclass
@@ -43,96 +41,6 @@ class ServedModel:
 
     def __post_init__(self) -> None:
         self.context_length = self.settings.context_length or self.tokenizer.context_length()
-
-
-@dataclass
-class Choice:
-    """What one choice accumulates; the text is kept for token counting and non-streaming."""
-
-    max_tokens: int
-    parts: list[str] = field(default_factory=list)
-    finish_reason: str | None = None
-    prompt_tokens: int | None = None
-    completion_tokens: int | None = None
-
-    def add(self, chunk: GenerationChunk) -> None:
-        if chunk.text:
-            self.parts.append(chunk.text)
-        if chunk.finish_reason is not None:
-            self.finish_reason = chunk.finish_reason
-        if chunk.prompt_tokens is not None:
-            self.prompt_tokens = chunk.prompt_tokens
-        if chunk.completion_tokens is not None:
-            self.completion_tokens = chunk.completion_tokens
-
-    def settle(self, tokenizer: ChatTokenizer) -> None:
-        """Fill in what the engine did not report (TensorRT-LLM reports neither)."""
-        if self.completion_tokens is None:
-            self.completion_tokens = tokenizer.count("".join(self.parts))
-        if self.finish_reason is None:
-            self.finish_reason = "length" if self.completion_tokens >= self.max_tokens else "stop"
-
-
-@dataclass
-class Prompt:
-    """A prompt whose token count is only worked out when something needs it.
-
-    The context check can mostly be settled by a cheap upper bound, and the engines that
-    report their own count make tokenizing in the gateway unnecessary: that keeps the
-    tokenizer off the path to the first token.
-    """
-
-    text: str
-    tokenizer: ChatTokenizer
-    _tokens: int | None = None
-
-    def tokens(self) -> int:
-        if self._tokens is None:
-            self._tokens = self.tokenizer.count(self.text)
-        return self._tokens
-
-    def at_most(self) -> int:
-        return self._tokens if self._tokens is not None else self.tokenizer.upper_bound(self.text)
-
-
-def prompt_usage(prompts: Sequence[Prompt], choices: Sequence[Choice]) -> int:
-    """Prompt tokens of a request: each prompt once (whatever n is), the engine's count first."""
-    per_prompt = len(choices) // len(prompts)
-    return sum(choices[i * per_prompt].prompt_tokens or p.tokens() for i, p in enumerate(prompts))
-
-
-async def _single(iterator: AsyncIterator[GenerationChunk]) -> AsyncGenerator[Item, None]:
-    async for chunk in iterator:
-        yield 0, chunk
-    yield 0, None
-
-
-async def _merge(iterators: Sequence[AsyncIterator[GenerationChunk]]) -> AsyncGenerator[Item, None]:
-    """Interleave several generations as their pieces arrive."""
-    queue: asyncio.Queue[tuple[int, GenerationChunk | BaseException | None]] = asyncio.Queue()
-
-    async def pump(index: int, iterator: AsyncIterator[GenerationChunk]) -> None:
-        try:
-            async for chunk in iterator:
-                await queue.put((index, chunk))
-            await queue.put((index, None))
-        except Exception as exc:  # handed to the consumer, which raises it
-            await queue.put((index, exc))
-
-    tasks = [asyncio.create_task(pump(i, it)) for i, it in enumerate(iterators)]
-    try:
-        remaining = len(tasks)
-        while remaining:
-            index, item = await queue.get()
-            if isinstance(item, BaseException):
-                raise item
-            if item is None:
-                remaining -= 1
-            yield index, item
-    finally:
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
 
 
 class Serving:
@@ -218,6 +126,28 @@ class Serving:
             return [req]
         return [replace(req, seed=((req.seed + i) & _UINT64) if req.seed is not None else None) for i in range(n)]
 
+    def _run(
+        self,
+        served: ServedModel,
+        shape: type[Shape],
+        body: SamplingFields,
+        prompts: list[Prompt],
+        echo: bool = False,
+    ) -> Run:
+        requests: list[GenerationRequest] = []
+        for prompt in prompts:
+            requests += self._fan_out(self._generation(served, body, prompt, body.token_limit()), body.n)
+        return Run(
+            self.engine,
+            self.metrics,
+            served.tokenizer,
+            shape(served.name, len(requests)),
+            prompts,
+            requests,
+            include_usage=bool(body.stream_options and body.stream_options.include_usage),
+            echo=echo,
+        )
+
     async def chat(self, body: ChatCompletionRequest) -> bytes | AsyncIterator[bytes]:
         for name in UNSUPPORTED_CHAT_FIELDS:
             if (body.model_extra or {}).get(name) is not None:
@@ -228,33 +158,8 @@ class Serving:
             raise invalid_request("only response_format type 'text' is supported", param="response_format")
         served = self.served(body.model)
         messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in body.messages]
-        prompts = [Prompt(served.tokenizer.chat_prompt(messages), served.tokenizer)]
-        requests = self._fan_out(self._generation(served, body, prompts[0], body.token_limit()), body.n)
-        writer = ChatChunks(f"chatcmpl-{secrets.token_hex(12)}", int(time.time()), served.name)
-        if body.stream:
-            include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            return await self._stream(served, requests, prompts, writer, include_usage, "chat", "")
-        choices = await self._collect(served, requests, prompts, "chat")
-        usage = self._usage(prompt_usage(prompts, choices), choices)
-        return orjson.dumps(
-            {
-                "id": writer.request_id,
-                "object": "chat.completion",
-                "created": writer.created,
-                "model": served.name,
-                "choices": [
-                    {
-                        "index": i,
-                        "message": {"role": "assistant", "content": "".join(c.parts), "refusal": None},
-                        "logprobs": None,
-                        "finish_reason": c.finish_reason,
-                    }
-                    for i, c in enumerate(choices)
-                ],
-                "usage": usage,
-                "system_fingerprint": None,
-            }
-        )
+        prompt = Prompt(served.tokenizer.chat_prompt(messages), served.tokenizer)
+        return await self._run(served, ChatShape, body, [prompt]).answer()
 
     async def completion(self, body: CompletionRequest) -> bytes | AsyncIterator[bytes]:
         if body.logprobs is not None:
@@ -270,149 +175,4 @@ class Serving:
         if len(texts) > 1 and body.stream:
             raise invalid_request("streaming supports one prompt per request", param="prompt")
         prompts = [Prompt(text, served.tokenizer) for text in texts]
-        requests: list[GenerationRequest] = []
-        for prompt in prompts:
-            requests += self._fan_out(self._generation(served, body, prompt, body.token_limit()), body.n)
-        writer = CompletionChunks(f"cmpl-{secrets.token_hex(12)}", int(time.time()), served.name)
-        echo = texts[0] if body.echo else ""
-        if body.stream:
-            include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            return await self._stream(served, requests, prompts, writer, include_usage, "completions", echo)
-        choices = await self._collect(served, requests, prompts, "completions")
-        return orjson.dumps(
-            {
-                "id": writer.request_id,
-                "object": "text_completion",
-                "created": writer.created,
-                "model": served.name,
-                "choices": [
-                    {
-                        "index": i,
-                        "text": (texts[i // body.n] if body.echo else "") + "".join(c.parts),
-                        "logprobs": None,
-                        "finish_reason": c.finish_reason,
-                    }
-                    for i, c in enumerate(choices)
-                ],
-                "usage": self._usage(prompt_usage(prompts, choices), choices),
-            }
-        )
-
-    # ------------------------------------------------------------------ engine calls
-
-    @staticmethod
-    def _usage(prompt_tokens: int, choices: Sequence[Choice]) -> dict[str, int]:
-        completion = sum(c.completion_tokens or 0 for c in choices)
-        return {
-            "prompt_tokens": prompt_tokens,
-            "completion_tokens": completion,
-            "total_tokens": prompt_tokens + completion,
-        }
-
-    async def _collect(
-        self, served: ServedModel, requests: list[GenerationRequest], prompts: list[Prompt], endpoint: str
-    ) -> list[Choice]:
-        started = time.perf_counter()
-        status = "200"
-        try:
-            choices = [Choice(r.max_tokens) for r in requests]
-            items = self._pieces(served.name, requests)
-            async for index, chunk in items:
-                if chunk is not None:
-                    choices[index].add(chunk)
-            for choice in choices:
-                choice.settle(served.tokenizer)
-            self._count_tokens(served.name, prompt_usage(prompts, choices), choices)
-            return choices
-        except APIError as exc:
-            status = str(exc.status)
-            raise
-        finally:
-            self.metrics.requests.labels(endpoint, served.name, status).inc()
-            self.metrics.latency.labels(endpoint, served.name).observe(time.perf_counter() - started)
-
-    def _pieces(self, model: str, requests: list[GenerationRequest]) -> AsyncGenerator[Item, None]:
-        """Every choice's pieces as (index, chunk), interleaved when there are several."""
-        if len(requests) == 1:
-            return _single(self.engine.generate(model, requests[0]))
-        return _merge([self.engine.generate(model, r) for r in requests])
-
-    def _count_tokens(self, model: str, prompt_tokens: int, choices: Sequence[Choice]) -> None:
-        self.metrics.prompt_tokens.labels(model).inc(prompt_tokens)
-        self.metrics.completion_tokens.labels(model).inc(sum(c.completion_tokens or 0 for c in choices))
-
-    async def _stream(
-        self,
-        served: ServedModel,
-        requests: list[GenerationRequest],
-        prompts: list[Prompt],
-        writer: ChatChunks | CompletionChunks,
-        include_usage: bool,
-        endpoint: str,
-        echo: str,
-    ) -> AsyncIterator[bytes]:
-        started = time.perf_counter()
-        items = self._pieces(served.name, requests)
-        try:
-            # Wait for the first piece before answering, so that a Triton that is down or
-            # rejects the request gives a proper HTTP status instead of a 200 stream.
-            first = await anext(items)
-        except APIError as exc:
-            await items.aclose()
-            self.metrics.requests.labels(endpoint, served.name, str(exc.status)).inc()
-            raise
-        return self._events(served, requests, prompts, writer, include_usage, endpoint, echo, items, first, started)
-
-    async def _events(
-        self,
-        served: ServedModel,
-        requests: list[GenerationRequest],
-        prompts: list[Prompt],
-        writer: ChatChunks | CompletionChunks,
-        include_usage: bool,
-        endpoint: str,
-        echo: str,
-        items: AsyncGenerator[Item, None],
-        first: Item,
-        started: float,
-    ) -> AsyncIterator[bytes]:
-        choices = [Choice(r.max_tokens) for r in requests]
-        status = "200"
-        first_text = True
-        # The role (and echo) chunks leave together with the first piece: one write, not three.
-        out = b"".join(writer.role(i) + (writer.content(i, echo) if echo else b"") for i in range(len(choices)))
-        try:
-            item: Item | None = first
-            while item is not None:
-                index, chunk = item
-                choice = choices[index]
-                if chunk is None:
-                    choice.settle(served.tokenizer)
-                    out += writer.finish(index, choice.finish_reason or "stop")
-                else:
-                    choice.add(chunk)
-                    if chunk.text:
-                        if first_text:
-                            first_text = False
-                            self.metrics.ttft.labels(served.name).observe(time.perf_counter() - started)
-                        out += writer.content(index, chunk.text)
-                if out:
-                    yield out
-                    out = b""
-                item = await anext(items, None)
-            prompt_tokens = prompt_usage(prompts, choices)
-            self._count_tokens(served.name, prompt_tokens, choices)
-            if include_usage:
-                usage = self._usage(prompt_tokens, choices)
-                yield writer.usage(usage["prompt_tokens"], usage["completion_tokens"])
-        except APIError as exc:
-            status = f"{exc.status}-midstream"
-            yield error_event(exc)
-        except (asyncio.CancelledError, GeneratorExit):
-            status = "499"  # the client went away
-            raise
-        finally:
-            await items.aclose()
-            self.metrics.requests.labels(endpoint, served.name, status).inc()
-            self.metrics.latency.labels(endpoint, served.name).observe(time.perf_counter() - started)
-        yield DONE
+        return await self._run(served, CompletionShape, body, prompts, echo=body.echo).answer()

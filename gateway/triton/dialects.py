@@ -28,6 +28,16 @@ _SAMPLING_FIELDS = (
 )
 
 
+def _sampling(req: GenerationRequest, stop: str) -> dict[str, Any]:
+    """The sampling fields, seed and stop strings (under the key ``stop``) that are set."""
+    out: dict[str, Any] = {key: value for key in _SAMPLING_FIELDS if (value := getattr(req, key)) is not None}
+    if req.seed is not None:
+        out["seed"] = req.seed
+    if req.stop:
+        out[stop] = req.stop
+    return out
+
+
 def _text(value: Any) -> str:
     # One-element outputs arrive unwrapped; BYTES arrays of several elements as lists.
     if isinstance(value, list):
@@ -47,21 +57,13 @@ class LlmDialect:
     name = "llm"
 
     def payload(self, req: GenerationRequest) -> dict[str, Any]:
-        body: dict[str, Any] = {
+        return {
             "text_input": req.prompt,
             "max_tokens": req.max_tokens,
             "stream": req.stream,
             "exclude_input_in_output": True,
+            **_sampling(req, stop="stop_words"),
         }
-        for key in _SAMPLING_FIELDS:
-            value = getattr(req, key)
-            if value is not None:
-                body[key] = value
-        if req.seed is not None:
-            body["seed"] = req.seed
-        if req.stop:
-            body["stop_words"] = req.stop
-        return body
 
     def parser(self, req: GenerationRequest) -> EventParser:
         def parse(event: Mapping[str, Any]) -> GenerationChunk:
@@ -155,15 +157,7 @@ class VllmDialect:
         self.inputs = inputs
 
     def payload(self, req: GenerationRequest) -> dict[str, Any]:
-        params: dict[str, Any] = {"max_tokens": req.max_tokens}
-        for key in _SAMPLING_FIELDS:
-            value = getattr(req, key)
-            if value is not None:
-                params[key] = value
-        if req.seed is not None:
-            params["seed"] = req.seed
-        if req.stop:
-            params["stop"] = req.stop
+        params = {"max_tokens": req.max_tokens, **_sampling(req, stop="stop")}
         body: dict[str, Any] = {
             "text_input": req.prompt,
             "stream": req.stream,

@@ -18,7 +18,7 @@ import tritonclient.http.aio as triton_http
 from tritonclient.utils import InferenceServerException
 
 from gateway.config import TritonSettings
-from gateway.engine import GenerationChunk, GenerationRequest
+from gateway.engine import GenerationChunk, GenerationRequest, take_reports
 from gateway.errors import UpstreamError, UpstreamUnavailable
 from gateway.triton.dialects import Dialect, UnknownDialect, detect
 
@@ -41,12 +41,7 @@ def _error_message(body: bytes) -> str:
 def _merge(first: GenerationChunk, then: GenerationChunk) -> GenerationChunk:
     """Two consecutive pieces as one (the later one's finish reason and counts win)."""
     first.text += then.text
-    if then.finish_reason is not None:
-        first.finish_reason = then.finish_reason
-    if then.prompt_tokens is not None:
-        first.prompt_tokens = then.prompt_tokens
-    if then.completion_tokens is not None:
-        first.completion_tokens = then.completion_tokens
+    take_reports(first, then)
     return first
 
 

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 import orjson
 import pytest
+from prometheus_client import generate_latest
 
 from gateway.app import create_app
 from gateway.config import GatewaySettings
@@ -249,3 +250,58 @@ async def test_api_key(tiny_model_dir: Path, tokenizer: ChatTokenizer) -> None:
         assert (await c.post("/v1/chat/completions", json=chat(), headers=good)).status_code == 200
         assert (await c.get("/v1/models", headers=good)).status_code == 200
         assert (await c.get("/health")).status_code == 200  # health stays open for probes
+
+
+async def test_stream_completions_shape_echo_and_usage(client: httpx.AsyncClient) -> None:
+    resp = await client.post(
+        "/v1/completions",
+        json={"model": MODEL, "prompt": "Say", "stream": True, "echo": True, "stream_options": {"include_usage": True}},
+    )
+    data = events(resp.text)
+    assert data[-1] == "[DONE]"
+    chunks = [CompletionResponse.model_validate(orjson.loads(d)) for d in data[:-1]]
+    assert len({c.id for c in chunks}) == 1 and chunks[0].id.startswith("cmpl-")
+    assert "".join(ch.text for c in chunks for ch in c.choices) == "SayHello, world!"
+    assert [ch.finish_reason for c in chunks for ch in c.choices if ch.finish_reason] == ["stop"]
+    assert chunks[-1].choices == [] and chunks[-1].usage is not None
+    assert chunks[-1].usage.completion_tokens == 4
+
+
+async def test_completions_several_prompts_and_n(client: httpx.AsyncClient, engine: FakeEngine) -> None:
+    resp = await client.post(
+        "/v1/completions", json={"model": MODEL, "prompt": ["A", "B"], "n": 2, "echo": True, "max_tokens": 10}
+    )
+    body = CompletionResponse.model_validate(resp.json())
+    assert [c.text for c in body.choices] == [f"{p}Hello, world!" for p in "AABB"]
+    assert [r.prompt for _, r in engine.requests] == ["A", "A", "B", "B"]
+    assert body.usage is not None
+    assert (body.usage.prompt_tokens, body.usage.completion_tokens) == (14, 16)  # each prompt counted once
+
+
+async def test_metrics_of_failed_requests(client: httpx.AsyncClient, engine: FakeEngine) -> None:
+    engine.fail_before = True
+    await client.post("/v1/chat/completions", json=chat(stream=True))
+    engine.fail_before, engine.fail_after = False, 2
+    await client.post("/v1/chat/completions", json=chat(stream=True))
+    text = (await client.get("/metrics")).text
+    assert f'gateway_requests_total{{endpoint="chat",model="{MODEL}",status="503"}} 1.0' in text
+    assert f'gateway_requests_total{{endpoint="chat",model="{MODEL}",status="502-midstream"}} 1.0' in text
+    assert f'gateway_request_duration_seconds_count{{endpoint="chat",model="{MODEL}"}} 2.0' in text
+    assert f'gateway_completion_tokens_total{{model="{MODEL}"}}' not in text  # failed: no tokens counted
+
+
+async def test_client_going_away_cancels_the_engine_request(tiny_model_dir: Path, tokenizer: ChatTokenizer) -> None:
+    from gateway.protocol import ChatCompletionRequest
+    from gateway.serving import Serving
+
+    engine = FakeEngine(pieces=["x"] * 50, delay_s=0.001)
+    serving = Serving(settings(tiny_model_dir), engine, {MODEL: tokenizer})
+    stream = await serving.chat(ChatCompletionRequest.model_validate(chat(stream=True, n=2)))
+    assert not isinstance(stream, bytes)
+    assert isinstance(stream, AsyncGenerator)
+    first = await anext(stream)
+    assert first.count(b'"role":"assistant"') == 2  # both choices open in the first write
+    await stream.aclose()  # what Starlette does when the client disconnects
+    assert engine.closed_streams == 2
+    text = generate_latest(serving.metrics.registry).decode()
+    assert f'gateway_requests_total{{endpoint="chat",model="{MODEL}",status="499"}} 1.0' in text

@@ -1,0 +1,253 @@
+"""One chat or text completion in flight: ``Run`` owns its state, its metrics and its answer.
+
+``Serving`` validates a request and turns it into engine requests (one per choice); a
+``Run`` then drives the engine, gathers each choice's pieces, and answers either with the
+whole body or with an async iterator of SSE events. Its metrics are recorded in one place,
+``Run._record``, once per request whatever the outcome. The bytes themselves are written by
+the request's ``responses.Shape``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncGenerator, AsyncIterator, Sequence
+from dataclasses import dataclass, field
+
+from gateway.engine import Engine, GenerationChunk, GenerationRequest, take_reports
+from gateway.errors import APIError
+from gateway.metrics import GatewayMetrics
+from gateway.responses import DONE, Shape, error_event, usage
+from gateway.tokenizer import ChatTokenizer
+
+Item = tuple[int, GenerationChunk | None]  # (choice index, chunk); None marks that choice's end
+
+
+@dataclass
+class Prompt:
+    """A prompt whose token count is only worked out when something needs it.
+
+    The context check can mostly be settled by a cheap upper bound, and the engines that
+    report their own count make tokenizing in the gateway unnecessary: that keeps the
+    tokenizer off the path to the first token.
+    """
+
+    text: str
+    tokenizer: ChatTokenizer
+    _tokens: int | None = None
+
+    def tokens(self) -> int:
+        if self._tokens is None:
+            self._tokens = self.tokenizer.count(self.text)
+        return self._tokens
+
+    def at_most(self) -> int:
+        return self._tokens if self._tokens is not None else self.tokenizer.upper_bound(self.text)
+
+
+@dataclass
+class Choice:
+    """What one choice accumulates; the text is kept for token counting and non-streaming."""
+
+    max_tokens: int
+    parts: list[str] = field(default_factory=list)
+    finish_reason: str | None = None
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+
+    def add(self, chunk: GenerationChunk) -> None:
+        if chunk.text:
+            self.parts.append(chunk.text)
+        take_reports(self, chunk)
+
+    def settle(self, tokenizer: ChatTokenizer) -> None:
+        """Fill in what the engine did not report (TensorRT-LLM reports neither)."""
+        if self.completion_tokens is None:
+            self.completion_tokens = tokenizer.count("".join(self.parts))
+        if self.finish_reason is None:
+            self.finish_reason = "length" if self.completion_tokens >= self.max_tokens else "stop"
+
+
+async def _single(iterator: AsyncIterator[GenerationChunk]) -> AsyncGenerator[Item, None]:
+    async for chunk in iterator:
+        yield 0, chunk
+    yield 0, None
+
+
+async def _merge(iterators: Sequence[AsyncIterator[GenerationChunk]]) -> AsyncGenerator[Item, None]:
+    """Interleave several generations as their pieces arrive."""
+    queue: asyncio.Queue[tuple[int, GenerationChunk | BaseException | None]] = asyncio.Queue()
+
+    async def pump(index: int, iterator: AsyncIterator[GenerationChunk]) -> None:
+        try:
+            async for chunk in iterator:
+                await queue.put((index, chunk))
+            await queue.put((index, None))
+        except Exception as exc:  # handed to the consumer, which raises it
+            await queue.put((index, exc))
+
+    tasks = [asyncio.create_task(pump(i, it)) for i, it in enumerate(iterators)]
+    try:
+        remaining = len(tasks)
+        while remaining:
+            index, item = await queue.get()
+            if isinstance(item, BaseException):
+                raise item
+            if item is None:
+                remaining -= 1
+            yield index, item
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+class Run:
+    """One request from its engine requests to its last byte.
+
+    ``requests`` holds one engine request per choice, prompt after prompt (``n`` each);
+    ``echo`` puts each choice's prompt in front of its text (text completions).
+    """
+
+    def __init__(
+        self,
+        engine: Engine,
+        metrics: GatewayMetrics,
+        tokenizer: ChatTokenizer,
+        shape: Shape,
+        prompts: list[Prompt],
+        requests: list[GenerationRequest],
+        *,
+        include_usage: bool = False,
+        echo: bool = False,
+    ) -> None:
+        self.engine = engine
+        self.metrics = metrics
+        self.tokenizer = tokenizer
+        self.shape = shape
+        self.prompts = prompts
+        self.requests = requests
+        self.include_usage = include_usage
+        self.echo = echo
+        self.choices = [Choice(r.max_tokens) for r in requests]
+        self.started = time.perf_counter()
+        self.first_text_at: float | None = None
+        self.usage: dict[str, int] | None = None  # set once every choice has ended
+
+    async def answer(self) -> bytes | AsyncIterator[bytes]:
+        """The whole body, or the SSE events when streaming.
+
+        An ``APIError`` before the first piece is raised (it becomes the HTTP status);
+        after it, it becomes an event of the stream.
+        """
+        if self.requests[0].stream:
+            return await self._stream()
+        return await self._body()
+
+    # ------------------------------------------------------------------ state
+
+    def _pieces(self) -> AsyncGenerator[Item, None]:
+        """Every choice's pieces as (index, chunk), interleaved when there are several."""
+        model = self.shape.model
+        if len(self.requests) == 1:
+            return _single(self.engine.generate(model, self.requests[0]))
+        return _merge([self.engine.generate(model, r) for r in self.requests])
+
+    def _prompt(self, index: int) -> Prompt:
+        return self.prompts[index * len(self.prompts) // len(self.choices)]
+
+    def _settle(self) -> dict[str, int]:
+        """Usage once every choice has ended: each prompt counted once (whatever n is), the
+        engine's counts first."""
+        for choice in self.choices:
+            choice.settle(self.tokenizer)
+        per_prompt = len(self.choices) // len(self.prompts)
+        prompt_tokens = sum(
+            self.choices[i * per_prompt].prompt_tokens or p.tokens() for i, p in enumerate(self.prompts)
+        )
+        self.usage = usage(prompt_tokens, sum(c.completion_tokens or 0 for c in self.choices))
+        return self.usage
+
+    def _record(self, status: str) -> None:
+        """Every metric of the request, once, when it is over."""
+        m, endpoint, model = self.metrics, self.shape.endpoint, self.shape.model
+        m.requests.labels(endpoint, model, status).inc()
+        m.latency.labels(endpoint, model).observe(time.perf_counter() - self.started)
+        if self.first_text_at is not None:
+            m.ttft.labels(model).observe(self.first_text_at - self.started)
+        if self.usage is not None:
+            m.prompt_tokens.labels(model).inc(self.usage["prompt_tokens"])
+            m.completion_tokens.labels(model).inc(self.usage["completion_tokens"])
+
+    # ------------------------------------------------------------------ answers
+
+    async def _body(self) -> bytes:
+        status = "200"
+        try:
+            async for index, chunk in self._pieces():
+                if chunk is not None:
+                    self.choices[index].add(chunk)
+            counts = self._settle()
+        except APIError as exc:
+            status = str(exc.status)
+            raise
+        finally:
+            self._record(status)
+        return self.shape.body(
+            [
+                ((self._prompt(i).text if self.echo else "") + "".join(c.parts), c.finish_reason)
+                for i, c in enumerate(self.choices)
+            ],
+            counts,
+        )
+
+    async def _stream(self) -> AsyncIterator[bytes]:
+        pieces = self._pieces()
+        try:
+            # Wait for the first piece before answering, so that a Triton that is down or
+            # rejects the request gives a proper HTTP status instead of a 200 stream.
+            first = await anext(pieces)
+        except APIError as exc:
+            await pieces.aclose()
+            self._record(str(exc.status))
+            raise
+        return self._events(pieces, first)
+
+    async def _events(self, pieces: AsyncGenerator[Item, None], first: Item) -> AsyncIterator[bytes]:
+        shape, choices = self.shape, self.choices
+        status = "200"
+        # The role (and echo) chunks leave together with the first piece: one write, not three.
+        out = b"".join(
+            shape.role(i) + (shape.content(i, self._prompt(i).text) if self.echo else b"") for i in range(len(choices))
+        )
+        try:
+            item: Item | None = first
+            while item is not None:
+                index, chunk = item
+                choice = choices[index]
+                if chunk is None:
+                    choice.settle(self.tokenizer)
+                    out += shape.finish(index, choice.finish_reason or "stop")
+                else:
+                    choice.add(chunk)
+                    if chunk.text:
+                        if self.first_text_at is None:
+                            self.first_text_at = time.perf_counter()
+                        out += shape.content(index, chunk.text)
+                if out:
+                    yield out
+                    out = b""
+                item = await anext(pieces, None)
+            counts = self._settle()
+            if self.include_usage:
+                yield shape.usage_chunk(counts)
+        except APIError as exc:
+            status = f"{exc.status}-midstream"
+            yield error_event(exc)
+        except (asyncio.CancelledError, GeneratorExit):
+            status = "499"  # the client went away
+            raise
+        finally:
+            await pieces.aclose()
+            self._record(status)
+        yield DONE
