@@ -3,6 +3,7 @@ row in the role README's variable table, and each spec has a default or is requi
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -41,11 +42,22 @@ def test_defaults_have_specs_and_readme_rows(role: Path) -> None:
 @pytest.mark.parametrize("role", ROLES, ids=lambda r: r.name)
 def test_specs_have_a_default_or_are_required(role: Path) -> None:
     defaults = _defaults(role)
-    # The stack role's settings are read by every role: theirs may come from it.
-    shared = _defaults(role.parent / "stack")
+    # The stack_settings role's settings are read by the roles that depend on it: theirs may come from it.
+    shared = _defaults(role.parent / "stack_settings")
     loose = [
         k
         for k, spec in _specs(role).items()
         if k not in defaults and k not in shared and not spec.get("required") and "default" not in spec
     ]
     assert loose == [], f"{role.name}: specs with neither a default nor required: true"
+
+
+@pytest.mark.parametrize("role", [r for r in ROLES if r.name != "stack_settings"], ids=lambda r: r.name)
+def test_roles_reading_shared_settings_depend_on_stack_settings(role: Path) -> None:
+    """A role that reads a stack_* setting or fact declares where it comes from."""
+    files = [p for d in ("tasks", "defaults", "templates", "handlers") for p in (role / d).glob("*")]
+    texts = [p.read_text() for p in files if p.is_file()]
+    reads = sorted({m for t in texts for m in re.findall(r"\bstack_[a-z0-9_]+", t)} - {"stack_service"})
+    deps = (yaml.safe_load((role / "meta" / "main.yml").read_text()) or {}).get("dependencies") or []
+    names = {d["role"] if isinstance(d, dict) else d for d in deps}
+    assert not reads or "stack_settings" in names, f"{role.name} reads {reads} without depending on stack_settings"

@@ -1,4 +1,4 @@
-"""Wait until every URL answers 200 while a systemd unit runs (run by roles/stack/tasks/wait_ready.yml).
+"""Wait until every URL answers 200 while a systemd unit runs (run by roles/stack_service/tasks/wait_ready.yml).
 
 Fails at once when the unit crashes while it starts (systemd restarts it, or it has failed):
 a service that cannot start cleanly is reported now, with its journal, not after all its
