@@ -8,15 +8,14 @@ templates are rendered by ``ansible.builtin.template`` exactly as the role does 
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
+
+from tests.playbook import ansible_tool, run_playbook
 
 ROOT = Path(__file__).resolve().parents[2]
 TEMPLATES = ROOT / "roles" / "triton" / "templates"
@@ -36,15 +35,7 @@ ENGINE_ARG_TYPES: dict[str, type] = {
 }
 
 
-def _playbook_bin() -> str | None:
-    for cand in (ROOT / ".venv-ansible/bin/ansible-playbook", Path(sys.executable).parent / "ansible-playbook"):
-        if cand.exists():
-            return str(cand)
-    return shutil.which("ansible-playbook")
-
-
-PLAYBOOK = _playbook_bin()
-if PLAYBOOK is None:
+if ansible_tool() is None:
     print("skipping tests/engine/test_triton_vllm_model.py: no ansible-playbook (create .venv-ansible)")
     pytest.skip("ansible-playbook is missing", allow_module_level=True)
 
@@ -74,15 +65,9 @@ def render(tmp: Path, model: dict[str, Any], extra: dict[str, Any] | None = None
             ]
         )
     )
-    env = {**os.environ, "ANSIBLE_CONFIG": str(ROOT / "ansible.cfg"), "ANSIBLE_LOCAL_TEMP": str(tmp / ".ansible")}
-    proc = subprocess.run(
-        [str(PLAYBOOK), "-i", "localhost,", "-c", "local", str(tmp / "play.yml"), "-e", f"@{tmp / 'vars.json'}"],
-        env=env,
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+    env = {"ANSIBLE_LOCAL_TEMP": str(tmp / ".ansible")}
+    run = run_playbook(tmp / "play.yml", "localhost,", "-c", "local", "-e", f"@{tmp / 'vars.json'}", env=env)
+    assert run.returncode == 0, run.tail()
     return json.loads((tmp / "model.json").read_text()), (tmp / "config.pbtxt").read_text()
 
 

@@ -41,8 +41,15 @@ import time
 import zipfile
 from pathlib import Path
 
+# As a script: this folder (the test-host modules) and the repo (stack.models) on the path.
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import testhost as th
+from box import run
+from procs import remove_tree, unmount_under
+from rootfs import UBUNTU_MIRROR
+
+from stack.models import file_digest
 
 # Bump when the recipe below changes what ends up in the image.
 RECIPE_VERSION = "1"
@@ -63,14 +70,6 @@ def _log(msg: str) -> None:
     print(f"[standin-image] {msg}", file=sys.stderr, flush=True)
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def find_wheel(wheelhouse: Path) -> Path:
     wheels = sorted(wheelhouse.glob("nvidia_pytriton-*.whl"))
     if not wheels:
@@ -83,7 +82,7 @@ def image_key(rootfs: Path, wheel: Path) -> str:
     spec = {
         "v": RECIPE_VERSION,
         "rootfs": rootfs.name,
-        "wheel": _sha256(wheel),
+        "wheel": file_digest(wheel),
         "python": PYTHON_VERSION,
         "apt": APT_PACKAGES,
         "recipe": hashlib.sha256(recipe.encode()).hexdigest(),
@@ -134,21 +133,21 @@ def _apt_install(root: Path, mirror: str) -> None:
     shutil.copy2("/etc/resolv.conf", root / "etc/resolv.conf")
     env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LC_ALL": "C", "DEBIAN_FRONTEND": "noninteractive"}
     apt = ["-o", "Dir::Etc::SourceList=/tmp/standin.sources", "-o", "Dir::Etc::SourceParts=-", "-q"]
-    th._run(["mount", "-t", "proc", "proc", root / "proc"])
+    run(["mount", "-t", "proc", "proc", root / "proc"])
     try:
-        th._run(["chroot", root, "apt-get", *apt, "update"], env=env, timeout=600)
-        th._run(
+        run(["chroot", root, "apt-get", *apt, "update"], env=env, timeout=600)
+        run(
             ["chroot", root, "apt-get", *apt, "install", "-y", "--no-install-recommends", *APT_PACKAGES],
             env=env,
             timeout=600,
         )
-        th._run(["chroot", root, "ldconfig"], env=env)
+        run(["chroot", root, "ldconfig"], env=env)
         # The image must be able to start tritonserver: all its libraries resolve.
-        ldd = th._run(["chroot", root, "ldd", "/opt/tritonserver/backends/python/triton_python_backend_stub"], env=env)
+        ldd = run(["chroot", root, "ldd", "/opt/tritonserver/backends/python/triton_python_backend_stub"], env=env)
         if "not found" in ldd.stdout:
             raise th.TestHostError(f"the stub's libraries do not resolve in the image:\n{ldd.stdout}")
     finally:
-        th._unmount_under(root / "proc")
+        unmount_under(root / "proc")
         sources.unlink(missing_ok=True)
         (root / "etc/resolv.conf").unlink(missing_ok=True)
 
@@ -167,21 +166,21 @@ def build(cache_dir: Path, wheelhouse: Path) -> tuple[Path, str]:
         return final, image_ref(key)
     images.mkdir(parents=True, exist_ok=True)
     work = images / f".build-{key}-{os.getpid()}"
-    th._remove_tree(work)
+    remove_tree(work)
     root = work / "root"
     root.mkdir(parents=True)
     try:
-        th._run(["tar", "--numeric-owner", "-I", "zstd -d -T0", "-C", root, "-xpf", rootfs], timeout=600)
+        run(["tar", "--numeric-owner", "-I", "zstd -d -T0", "-C", root, "-xpf", rootfs], timeout=600)
         _layout(root, wheel)
-        _apt_install(root, th.UBUNTU_MIRROR)
+        _apt_install(root, UBUNTU_MIRROR)
         for rel in _SLIM:
             shutil.rmtree(root / rel, ignore_errors=True)
         tmp = work / "image.tar.zst"
-        th._run(["tar", "--numeric-owner", "-I", "zstd -T0 -3", "-C", root, "-cf", tmp, "."], timeout=600)
+        run(["tar", "--numeric-owner", "-I", "zstd -T0 -3", "-C", root, "-cf", tmp, "."], timeout=600)
         tmp.chmod(0o644)
         os.replace(tmp, final)
     finally:
-        th._remove_tree(work)
+        remove_tree(work)
     for old in images.glob("tritonserver-standin-*.tar.zst"):
         if old != final:
             old.unlink(missing_ok=True)

@@ -53,30 +53,12 @@ import pytest
 from stack import gpu_checks
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import provisioning as prov
 import standin_apt
 import standin_image
 import testhost as th
 import wheelhouse
 from figures import FIGURES, Figure
-
-# The session fixtures and helpers of the main provisioning suite (same snapshot, logs, wheels).
-from test_provision import (  # noqa: F401 (fixtures are found by name)
-    API_KEY,
-    GROUPS,
-    TORCH_SPEC,
-    WHEELHOUSE_ON_HOST,
-    Ansible,
-    _stop_note,
-    ansible,
-    cache_dir,
-    host_python,
-    model_py_sha256,
-    repo,
-    run_testinfra,
-    vault_args,
-    wheels,
-    write_inventory,
-)
 
 pytestmark = pytest.mark.provision
 
@@ -113,7 +95,7 @@ def _memlock_ulimit() -> tuple[str, str | None]:
 
 
 @pytest.fixture(scope="module")
-def standin(cache_dir: Path, wheels: Path) -> tuple[Path, str]:  # noqa: F811
+def standin(cache_dir: Path, wheels: Path) -> tuple[Path, str]:
     t0 = time.monotonic()
     tarball, ref = standin_image.build(cache_dir, wheels)
     size = tarball.stat().st_size / 2**20
@@ -123,15 +105,15 @@ def standin(cache_dir: Path, wheels: Path) -> tuple[Path, str]:  # noqa: F811
 
 @pytest.fixture(scope="module")
 def gpu_host(
-    cache_dir: Path,  # noqa: F811
-    wheels: Path,  # noqa: F811
+    cache_dir: Path,
+    wheels: Path,
     standin: tuple[Path, str],
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[th.TestHost]:
     tarball, ref = standin
 
     def setup(root: Path) -> None:
-        wheelhouse.link_into(wheels, root / WHEELHOUSE_ON_HOST.lstrip("/"))
+        wheelhouse.link_into(wheels, root / prov.WHEELHOUSE_ON_HOST.lstrip("/"))
         dest = root / IMAGE_ON_HOST.lstrip("/")
         try:
             os.link(tarball, dest)
@@ -144,7 +126,7 @@ def gpu_host(
     if why:
         print(f"\n[test_gpu_profile] {why}", file=sys.stderr)
     t0 = time.monotonic()
-    with th.TestHost("prov-gpu", cache_dir, index=51, docker_ready=True, extra_setup=setup, groups=GROUPS) as host:
+    with th.TestHost("prov-gpu", cache_dir, index=51, docker_ready=True, extra_setup=setup, groups=prov.GROUPS) as host:
         FIGURES.append(Figure("gpu: boot prov-gpu (docker_ready, + wheelhouse)", time.monotonic() - t0))
         t1 = time.monotonic()
         with standin_apt.serve(cache_dir, host.bridge_ip) as repos:
@@ -156,8 +138,8 @@ def gpu_host(
                 # No GPU in a test host: the llm model runs on the CPU inside the container.
                 "triton_model_device": "cpu",
                 "triton_container_image_ref": ref,
-                "python_env_wheelhouse": WHEELHOUSE_ON_HOST,
-                "python_env_torch_spec": TORCH_SPEC,
+                "python_env_wheelhouse": prov.WHEELHOUSE_ON_HOST,
+                "python_env_torch_spec": prov.TORCH_SPEC,
                 "cuda_toolkit_version": CUDA_VERSION,
                 "cuda_toolkit_repo_base_url": repos.cuda_base_url,
                 "docker_source": "distro",
@@ -169,7 +151,7 @@ def gpu_host(
             }
             if why:
                 group_vars["triton_container_ulimits"] = [f"memlock={memlock}", "stack=67108864"]
-            host.inventory_dir = write_inventory(  # type: ignore[attr-defined]
+            host.inventory_dir = prov.write_inventory_dir(  # type: ignore[attr-defined]
                 tmp_path_factory.mktemp("inv-gpu"), host, group_vars
             )
             host.image_ref = ref  # type: ignore[attr-defined]
@@ -177,7 +159,7 @@ def gpu_host(
             host.repos = repos  # type: ignore[attr-defined]
             yield host
         t2 = time.monotonic()
-    FIGURES.append(Figure("gpu: stop prov-gpu", time.monotonic() - t2, note=_stop_note(host)))
+    FIGURES.append(Figure("gpu: stop prov-gpu", time.monotonic() - t2, note=prov.stop_note(host)))
 
 
 class TestGpuProfile:
@@ -195,43 +177,40 @@ class TestGpuProfile:
         proc: subprocess.CompletedProcess[str] = host.ssh(cmd, timeout=300)
         return proc
 
-    def test_1_driver_on_wsl_fails_at_validation(self, gpu_host: th.TestHost, ansible: Ansible) -> None:  # noqa: F811
-        inv = gpu_host.inventory_dir  # type: ignore[attr-defined]
-        run = ansible.playbook("gpu-1-driver-on-wsl", inv, *vault_args(inv), "-e", "cuda_toolkit_install_driver=true")
-        assert run.rc != 0, run.tail()
-        assert "cuda_toolkit_install_driver=true but this host is WSL" in run.output, run.tail()
-        assert "PLAY [Prepare the host" not in run.output, run.tail()
+    def test_1_driver_on_wsl_fails_at_validation(self, gpu_host: th.TestHost, ansible: prov.Ansible) -> None:
+        run = ansible.site("gpu-1-driver-on-wsl", gpu_host, "-e", "cuda_toolkit_install_driver=true")
+        assert run.returncode != 0, run.tail()
+        assert "cuda_toolkit_install_driver=true but this host is WSL" in run.stdout, run.tail()
+        assert "PLAY [Prepare the host" not in run.stdout, run.tail()
         assert run.counts().get("changed") == 0, run.recap
         apt_files = self._sh(gpu_host, "ls /etc/apt/sources.list.d /etc/apt/preferences.d /etc/apt/keyrings").stdout
         assert "cuda" not in apt_files and "nvidia" not in apt_files, apt_files
 
-    def test_2_bad_image_fails_with_the_journal(self, gpu_host: th.TestHost, ansible: Ansible) -> None:  # noqa: F811
-        inv = gpu_host.inventory_dir  # type: ignore[attr-defined]
+    def test_2_bad_image_fails_with_the_journal(self, gpu_host: th.TestHost, ansible: prov.Ansible) -> None:
         bad = f"triton_container_image_ref={BAD_IMAGE}"
-        run = ansible.playbook("gpu-2-bad-image", inv, *vault_args(inv), "-e", bad)
-        assert run.rc != 0, run.tail()
-        assert "Triton did not become ready" in run.output, run.tail()
-        assert "llm-triton.service crashed while starting" in run.output, run.tail()
-        journal = run.output.split("--- journalctl -u llm-triton.service", 1)[1]
+        run = ansible.site("gpu-2-bad-image", gpu_host, "-e", bad)
+        assert run.returncode != 0, run.tail()
+        assert "Triton did not become ready" in run.stdout, run.tail()
+        assert "llm-triton.service crashed while starting" in run.stdout, run.tail()
+        journal = run.stdout.split("--- journalctl -u llm-triton.service", 1)[1]
         assert BAD_IMAGE in journal and "Error response from daemon" in journal, run.tail()
         assert run.counts().get("failed") == 1, run.recap
         # The GPU layer went in before Triton: the stack is ready but for the image.
         assert self._sh(gpu_host, "systemctl is-active docker").stdout.strip() == "active"
         self.state["installed"] = True
 
-    def test_3_rerun_converges_through_the_container(self, gpu_host: th.TestHost, ansible: Ansible) -> None:  # noqa: F811
+    def test_3_rerun_converges_through_the_container(self, gpu_host: th.TestHost, ansible: prov.Ansible) -> None:
         self._needs("installed")
         t0 = time.monotonic()
         ref = gpu_host.image_ref  # type: ignore[attr-defined]
         gpu_host.ssh(shlex.join(["sudo", *standin_image.import_argv(IMAGE_ON_HOST, ref)]), check=True, timeout=300)
         FIGURES.append(Figure("gpu: docker import of the stand-in image", time.monotonic() - t0))
-        inv = gpu_host.inventory_dir  # type: ignore[attr-defined]
-        run = ansible.playbook("gpu-3-converge", inv, *vault_args(inv))
-        assert run.rc == 0, run.tail()
-        assert "smoke: PASS" in run.output, run.tail()
-        assert "The capital of France is Paris" in run.output
+        run = ansible.site("gpu-3-converge", gpu_host)
+        assert run.returncode == 0, run.tail()
+        assert "smoke: PASS" in run.stdout, run.tail()
+        assert "The capital of France is Paris" in run.stdout
         # make smoke's GPU checks, run by the play on the host (the callback may wrap lines).
-        words = " ".join(run.output.split())
+        words = " ".join(run.stdout.split())
         assert "[ok] CUDA toolkit (nvcc): Cuda compilation tools, release 12.8" in words, run.tail()
         assert "[skip] nvidia-smi lists a GPU: no GPU on this machine" in words, run.tail()
         # The play's smoke runs as the SSH user, whose new docker group needs a new login: the
@@ -242,20 +221,13 @@ class TestGpuProfile:
         assert "--gpus all" in gpu_host.ssh("systemctl cat llm-triton").stdout
         self.state["converged"] = True
 
-    def test_4_second_run_changes_nothing(self, gpu_host: th.TestHost, ansible: Ansible) -> None:  # noqa: F811
+    def test_4_second_run_changes_nothing(self, gpu_host: th.TestHost, ansible: prov.Ansible) -> None:
         self._needs("converged")
-        inv = gpu_host.inventory_dir  # type: ignore[attr-defined]
-        run = ansible.playbook("gpu-4-idempotent", inv, *vault_args(inv))
-        assert run.rc == 0, run.tail()
-        changed = [line for line in run.output.splitlines() if line.startswith("changed:")]
-        assert run.counts().get("changed") == 0, f"{run.recap}\n{changed}"
+        prov.assert_no_changes(ansible.site("gpu-4-idempotent", gpu_host))
 
-    def test_5_check_mode_changes_nothing(self, gpu_host: th.TestHost, ansible: Ansible) -> None:  # noqa: F811
+    def test_5_check_mode_changes_nothing(self, gpu_host: th.TestHost, ansible: prov.Ansible) -> None:
         self._needs("converged")
-        inv = gpu_host.inventory_dir  # type: ignore[attr-defined]
-        run = ansible.playbook("gpu-5-check-diff", inv, *vault_args(inv), "--check", "--diff")
-        assert run.rc == 0, run.tail()
-        assert run.counts().get("changed") == 0, run.recap
+        prov.assert_no_changes(ansible.site("gpu-5-check-diff", gpu_host, "--check", "--diff"))
 
     def test_6_no_linux_driver_installed_or_installable(self, gpu_host: th.TestHost) -> None:
         self._needs("converged")
@@ -277,13 +249,13 @@ class TestGpuProfile:
             assert bad not in proc.stdout, proc.stdout[-3000:]
         assert proc.stdout.count(gpu_host.bridge_ip) >= 2, proc.stdout  # both stand-in repos read
 
-    def test_8_testinfra_suite(self, gpu_host: th.TestHost, ansible: Ansible) -> None:  # noqa: F811
+    def test_8_testinfra_suite(self, gpu_host: th.TestHost, ansible: prov.Ansible) -> None:
         self._needs("converged")
         repos: standin_apt.Repos = gpu_host.repos  # type: ignore[attr-defined]
         expect = {
             "api_key_required": True,
             "model_device": "cpu",
-            "model_py_sha256": model_py_sha256(ansible),
+            "model_py_sha256": prov.model_py_sha256(ansible),
             "triton_runtime": "container",
             "triton_image": gpu_host.image_ref,  # type: ignore[attr-defined]
             "triton_memlock": gpu_host.memlock,  # type: ignore[attr-defined]
@@ -304,13 +276,13 @@ class TestGpuProfile:
                 "cdi_spec": "/etc/cdi/nvidia.yaml",
             },
         }
-        output = run_testinfra(ansible, gpu_host, "gpu-8-testinfra", expect)
+        output = prov.run_testinfra(ansible, gpu_host, "gpu-8-testinfra", expect)
         # Only what needs a real GPU (or the native runtime) may skip, each with its reason.
         skips = [line for line in output.splitlines() if line.startswith("SKIPPED")]
         unexpected = [s for s in skips if "no GPU on this machine" not in s and "native runtime" not in s]
         assert unexpected == [], "\n".join(unexpected)
 
-    def test_9_a_second_cuda_entry_stops_the_play(self, gpu_host: th.TestHost, ansible: Ansible) -> None:  # noqa: F811
+    def test_9_a_second_cuda_entry_stops_the_play(self, gpu_host: th.TestHost, ansible: prov.Ansible) -> None:
         """An entry left by older instructions (no signed-by) breaks apt; the role names the file."""
         self._needs("converged")
         repos: standin_apt.Repos = gpu_host.repos  # type: ignore[attr-defined]
@@ -319,17 +291,13 @@ class TestGpuProfile:
         try:
             update = self._sh(gpu_host, "sudo apt-get update 2>&1")
             assert "Conflicting values set for option Signed-By" in update.stdout, update.stdout[-2000:]
-            inv = gpu_host.inventory_dir  # type: ignore[attr-defined]
-            run = ansible.playbook("gpu-9-second-cuda-entry", inv, *vault_args(inv))
-            assert run.rc != 0, run.tail()
-            words = " ".join(run.output.split())  # the callback may wrap the message
+            run = ansible.site("gpu-9-second-cuda-entry", gpu_host)
+            assert run.returncode != 0, run.tail()
+            words = " ".join(run.stdout.split())  # the callback may wrap the message
             assert f"{stale} also list {repos.cuda_repo_url}" in words, run.tail()
             assert run.counts().get("changed") == 0, run.recap
         finally:
             self._sh(gpu_host, f"sudo rm -f {stale}")
 
-    def test_10_api_key_never_in_any_output(self, ansible: Ansible) -> None:  # noqa: F811
-        logs = sorted(ansible.log_dir.glob("gpu-*.log"))
-        assert logs
-        leaks = [log.name for log in logs if API_KEY in log.read_text()]
-        assert leaks == [], f"the API key appears in {leaks}"
+    def test_10_api_key_never_in_any_output(self, ansible: prov.Ansible) -> None:
+        prov.assert_key_in_no_log(ansible.log_dir, "gpu-*.log")

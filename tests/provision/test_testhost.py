@@ -17,6 +17,9 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import testhost as th
+from host import host_meta
+from network import listening
+from procs import ProcRef, mounts_under, pids_rooted_at
 
 pytestmark = pytest.mark.provision
 
@@ -50,20 +53,20 @@ def cache_dir() -> Iterator[Path]:
     yield cache
 
 
-def _nspawn_ref(host: th.TestHost) -> th._ProcRef:
-    ref = th._ProcRef.from_json(th._host_meta(host.state_dir).get("nspawn"))
+def _nspawn_ref(host: th.TestHost) -> ProcRef:
+    ref = ProcRef.from_json(host_meta(host.state_dir).get("nspawn"))
     assert ref is not None and ref.alive(), "nspawn is not running"
     return ref
 
 
-def _assert_cleaned_up(host: th.TestHost, nspawn: th._ProcRef, cache: Path) -> None:
+def _assert_cleaned_up(host: th.TestHost, nspawn: ProcRef, cache: Path) -> None:
     assert not host.root.exists(), f"{host.root} left behind"
     assert not host.state_dir.exists(), f"{host.state_dir} left behind"
     assert not nspawn.alive(), f"systemd-nspawn (pid {nspawn.pid}) still running"
-    assert not th._mounts_under(host.state_dir)
+    assert not mounts_under(host.state_dir)
     if not th.live_hosts(cache):
         assert not Path(f"/sys/class/net/{host.bridge}").exists(), "bridge left behind"
-        assert not th._listening(host.bridge_ip, th.PROXY_PORT), "proxy left behind"
+        assert not listening(host.bridge_ip, th.PROXY_PORT), "proxy left behind"
 
 
 def test_boots_with_systemd_as_pid1(cache_dir: Path) -> None:
@@ -121,4 +124,4 @@ def test_failed_boot_is_cleaned_up(cache_dir: Path) -> None:
     assert "ssh not ready" in str(err.value)
     assert not host.root.exists()
     assert not host.state_dir.exists()
-    assert not th._pids_rooted_at(host.root)
+    assert not pids_rooted_at(host.root)
