@@ -41,8 +41,8 @@ gpu-check: setup ## on a GPU machine: Triton on CUDA vs CPU + gateway, one table
 	$(PY) -m stack.gpu_check
 
 lint: setup ## ruff + mypy
-	$(VENV)/bin/ruff check gateway stack bench tests model_repository
-	$(VENV)/bin/ruff format --check gateway stack bench tests model_repository
+	$(VENV)/bin/ruff check gateway stack bench tests model_repository mk
+	$(VENV)/bin/ruff format --check gateway stack bench tests model_repository mk
 	$(VENV)/bin/mypy gateway stack bench
 
 test-unit: setup ## fast tests (no Triton)

@@ -17,7 +17,8 @@ ANSIBLE_STAMP := $(ANSIBLE_VENV)/.ansible-installed
 PROVISION_STAMP := $(ANSIBLE_VENV)/.provision-installed
 
 # The dependency groups of pyproject.toml: `ansible` for `make up`, `provision` (ansible,
-# ansible-lint, pytest-testinfra, proxy.py) for the tests; pip >= 25.1 reads them itself.
+# ansible-lint, pytest-testinfra, proxy.py) for the tests. mk/dependency_group.py reads them,
+# so an offline `make up` works with the venv's own (older) pip.
 
 .PHONY: up lint-ansible test-provision test-engine
 
@@ -29,11 +30,13 @@ $(ANSIBLE_STAMP): pyproject.toml
 	  $$sudo apt-get update -q && $$sudo apt-get install -y -q python3-venv; fi
 	@test -x $(ANSIBLE_BIN)/python || $(PYTHON) -m venv $(ANSIBLE_VENV)
 	$(ANSIBLE_BIN)/python -m pip install -q --upgrade pip
-	$(ANSIBLE_BIN)/python -m pip install -q --group ansible
+	$(ANSIBLE_BIN)/python mk/dependency_group.py ansible > $(ANSIBLE_VENV)/requirements-ansible.txt
+	$(ANSIBLE_BIN)/python -m pip install -q -r $(ANSIBLE_VENV)/requirements-ansible.txt
 	@touch $@
 
 $(PROVISION_STAMP): $(ANSIBLE_STAMP) pyproject.toml
-	$(ANSIBLE_BIN)/python -m pip install -q --group provision
+	$(ANSIBLE_BIN)/python mk/dependency_group.py provision > $(ANSIBLE_VENV)/requirements-provision.txt
+	$(ANSIBLE_BIN)/python -m pip install -q -r $(ANSIBLE_VENV)/requirements-provision.txt
 	@touch $@
 
 # With an API key set, export GATEWAY_API_KEY for the final smoke (the play's own smoke
