@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import os
 import shutil
 import signal
@@ -86,18 +87,53 @@ class TritonInstall:
         return dest
 
 
-def _python_env() -> dict[str, str]:
-    """Environment that lets the stub's embedded Python import our venv's packages."""
-    site_packages = sysconfig.get_paths()["purelib"]
-    libdir = sysconfig.get_config_var("LIBDIR") or ""
+_PYTHON_FACTS = (
+    "import json, sys, sysconfig; print(json.dumps({'purelib': sysconfig.get_paths()['purelib'], "
+    "'libdir': sysconfig.get_config_var('LIBDIR') or '', 'prefix': sys.prefix, 'base_prefix': sys.base_prefix, "
+    "'version': '%d.%d' % sys.version_info[:2]}))"
+)
+
+
+def python_facts(python: Path | None = None) -> dict[str, str]:
+    """Where ``python`` (default: this interpreter) keeps its packages and libpython."""
+    if python is None:
+        return {
+            "purelib": sysconfig.get_paths()["purelib"],
+            "libdir": sysconfig.get_config_var("LIBDIR") or "",
+            "prefix": sys.prefix,
+            "base_prefix": sys.base_prefix,
+            "version": f"{sys.version_info.major}.{sys.version_info.minor}",
+        }
+    try:
+        out = subprocess.run([str(python), "-c", _PYTHON_FACTS], capture_output=True, text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError) as exc:
+        raise TritonError(f"cannot run the stub's interpreter {python}: {exc}") from exc
+    facts: dict[str, str] = json.loads(out)
+    return facts
+
+
+def _python_env(python: Path | None = None) -> dict[str, str]:
+    """Environment that lets the stub's embedded Python import the packages of ``python``'s venv.
+
+    ``python`` is this interpreter by default; an engine with pins of its own (vLLM) gives
+    the interpreter of its venv (``stack.engines``), which must be the same Python version.
+    """
+    facts = python_facts(python)
     env = dict(os.environ)
     # The stub's embedded Python finds its prefix through the `python3` on PATH: put ours
     # first (a venv that was never activated would otherwise not be seen at all).
-    env["PATH"] = os.pathsep.join(p for p in (os.path.dirname(sys.executable), env.get("PATH", "")) if p)
-    if sys.prefix != sys.base_prefix:
-        env["VIRTUAL_ENV"] = sys.prefix
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (site_packages, env.get("PYTHONPATH", "")) if p)
-    env["_TRITON_LIBPYTHON_DIR"] = libdir
+    bin_dir = os.path.dirname(str(python)) if python else os.path.dirname(sys.executable)
+    env["PATH"] = os.pathsep.join(p for p in (bin_dir, env.get("PATH", "")) if p)
+    if facts["prefix"] != facts["base_prefix"]:
+        env["VIRTUAL_ENV"] = facts["prefix"]
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (facts["purelib"], env.get("PYTHONPATH", "")) if p)
+    env["_TRITON_LIBPYTHON_DIR"] = facts["libdir"]
+    # Models keep their own caches beside ours (the vllm model: torch.compile's artefacts).
+    env.setdefault("STACK_CACHE", str(cache_dir()))
+    # systemd and bare shells set no locale; the vllm model takes this one for its file
+    # encoding (the stub's embedded Python would read UTF-8 files as ASCII otherwise).
+    if "UTF-8" not in (env.get("LC_ALL") or env.get("LC_CTYPE") or env.get("LANG") or "").upper():
+        env["LC_CTYPE"] = "C.UTF-8"
     return env
 
 
@@ -114,14 +150,20 @@ class TritonServer:
     extra_args: Sequence[str] = ()
     env: dict[str, str] = field(default_factory=dict)
     install: TritonInstall | None = None
+    # The interpreter whose venv the Python stub uses (None: this one); see _python_env.
+    python: Path | None = None
     process: subprocess.Popen[bytes] | None = field(default=None, init=False)
 
     @property
     def url(self) -> str:
         return f"http://{self.host}:{self.http_port}"
 
+    def _locate(self) -> TritonInstall:
+        # The stub must match the Python version of the interpreter that runs model.py.
+        return TritonInstall.locate(python_facts(self.python)["version"] if self.python else None)
+
     def command(self) -> list[str]:
-        install = self.install or TritonInstall.locate()
+        install = self.install or self._locate()
         return [
             str(install.binary),
             f"--model-repository={self.model_repository}",
@@ -139,8 +181,8 @@ class TritonServer:
         ]
 
     def environment(self) -> dict[str, str]:
-        install = self.install or TritonInstall.locate()
-        env = _python_env()
+        install = self.install or self._locate()
+        env = _python_env(self.python)
         libpython = env.pop("_TRITON_LIBPYTHON_DIR")
         env["LD_LIBRARY_PATH"] = os.pathsep.join(
             p for p in (str(install.libs), libpython, env.get("LD_LIBRARY_PATH", "")) if p
@@ -161,7 +203,7 @@ class TritonServer:
                 f"port(s) {', '.join(map(str, busy))} on {self.host} already in use: another Triton "
                 "(or `make serve`) is running? Stop it or set TRITON_HTTP_PORT/TRITON_GRPC_PORT/TRITON_METRICS_PORT"
             )
-        self.install = self.install or TritonInstall.locate()
+        self.install = self.install or self._locate()
         log_file = self.log_file or cache_dir() / "logs" / f"triton-{self.http_port}.log"
         log_file.parent.mkdir(parents=True, exist_ok=True)
         self.log_file = log_file
@@ -236,10 +278,12 @@ def start_triton(
     env: Mapping[str, str] | None = None,
     timeout: float = 300.0,
     ports: Mapping[str, int] | None = None,
+    python: Path | None = None,
 ) -> TritonServer:
     """Start Triton on ``repo`` and wait until it and ``models`` are ready (stopped again on failure).
 
     ``ports`` maps http/grpc/metrics to ports; free ones are picked when it is left out.
+    ``python``: the interpreter whose venv runs the models (``stack.engines``); default ours.
     """
     chosen = dict(ports) if ports else {kind: free_port() for kind in DEFAULT_PORTS}
     server = TritonServer(
@@ -249,6 +293,7 @@ def start_triton(
         metrics_port=chosen["metrics"],
         log_file=log,
         env=dict(env or {}),
+        python=python,
     )
     server.start()
     try:
@@ -267,6 +312,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--http-port", type=int, default=ports["http"])
     parser.add_argument("--grpc-port", type=int, default=ports["grpc"])
     parser.add_argument("--metrics-port", type=int, default=ports["metrics"])
+    parser.add_argument(
+        "--python",
+        type=Path,
+        default=None,
+        help="interpreter whose venv runs model.py (e.g. the vLLM engine's, python -m stack.engines vllm)",
+    )
     parser.add_argument("--print-command", action="store_true", help="print the command line and exit")
     args, extra = parser.parse_known_args(argv)
     server = TritonServer(
@@ -276,6 +327,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         metrics_port=args.metrics_port,
         host=args.host,
         extra_args=extra,
+        python=args.python,
     )
     if args.print_command:
         print(" ".join(server.command()))
