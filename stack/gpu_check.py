@@ -71,6 +71,16 @@ def measure(client: OpenAI, model: str, max_tokens: int) -> tuple[float, float, 
     return ttft, (tokens - 1) / max(end - (first or end), 1e-9), tokens
 
 
+def concurrency(client: OpenAI, model: str, users: int, max_tokens: int) -> float:
+    """Output tokens/s of ``users`` streamed answers at once (in-flight batching serves them together)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    started = time.perf_counter()
+    with ThreadPoolExecutor(users) as pool:
+        counts = list(pool.map(lambda _: measure(client, model, max_tokens)[2], range(users)))
+    return sum(counts) / max(time.perf_counter() - started, 1e-9)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--max-tokens", type=int, default=128)
@@ -132,6 +142,10 @@ def main() -> int:
                 rows.append((f"{model}: tokens/s", f"{tps:.1f} ({n} tokens)"))
             speedup = results["llm-cuda"][1] / max(results["llm-cpu"][1], 1e-9)
             rows.append(("CUDA speed-up (tokens/s)", f"{speedup:.1f}x"))
+            c1, c16 = (concurrency(client, "llm-cuda", users, args.max_tokens) for users in (1, 16))
+            rows.append(
+                ("llm-cuda: concurrency (tokens/s)", f"c=1 {c1:.1f}, c=16 {c16:.1f} ({c16 / max(c1, 1e-9):.1f}x)")
+            )
             reply = client.chat.completions.create(
                 model="llm-cuda",
                 messages=[{"role": "user", "content": "What is the capital of France?"}],

@@ -64,7 +64,7 @@ def test_repository_rejects_bad_input(tmp_path: Path) -> None:
     rc, _, err = _cli("stack.repository", "--dest", str(tmp_path / "r"), "--model", "bad name=/m")
     assert rc == 2 and "'bad name' is not a valid Triton model name" in err
     rc, _, err = _cli("stack.repository", "--dest", str(tmp_path / "r"), "--model", "a=/m", "--template", "/nope")
-    assert rc == 2 and "/nope is not the llm template" in err
+    assert rc == 2 and "/nope is not a model template" in err
     assert not (tmp_path / "r").exists()
 
 
