@@ -90,7 +90,10 @@ def nosysd_host(cache_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> It
     with th.TestHost("prov-nosysd", cache_dir, index=32, systemd_pid1=False, groups=GROUPS) as host:
         FIGURES.append(Figure("boot prov-nosysd (no systemd)", time.monotonic() - t0))
         host.inventory_dir = write_inventory_dir(  # type: ignore[attr-defined]
-            tmp_path_factory.mktemp("inv-nosysd"), host, {"stack_profile": "cpu"}
+            tmp_path_factory.mktemp("inv-nosysd"),
+            host,
+            # stack_llm_engine llm: as on prov-main (no vLLM install on an offline test host).
+            {"stack_profile": "cpu", "stack_llm_engine": "llm"},
         )
         host.ssh("sudo touch /root/.provision-marker && sleep 1", check=True)
         yield host
@@ -170,6 +173,10 @@ def main_host(cache_dir: Path, wheels: Path, tmp_path_factory: pytest.TempPathFa
             host,
             {
                 "stack_profile": "cpu",
+                # auto would pick vLLM's CPU engine here, which the triton role installs from
+                # PyPI (about 1.5 GB): an offline host with a wheelhouse cannot. vLLM's engine
+                # and template are exercised by the integration tests; these hosts serve llm.
+                "stack_llm_engine": "llm",
                 "python_env_wheelhouse": WHEELHOUSE_ON_HOST,
                 "python_env_torch_spec": TORCH_SPEC,
             },
@@ -277,7 +284,8 @@ class TestConverge:
         host.ssh("sudo apt-get install -y -q make >/dev/null", check=True)
         up = (
             "cd ~/wsl-triton-llm && PIP_NO_INDEX=1 PIP_FIND_LINKS=" + WHEELHOUSE_ON_HOST + " make up "
-            "ANSIBLE_ARGS='-e stack_profile=cpu -e python_env_wheelhouse=" + WHEELHOUSE_ON_HOST + " "
+            "ANSIBLE_ARGS='-e stack_profile=cpu -e stack_llm_engine=llm "
+            "-e python_env_wheelhouse=" + WHEELHOUSE_ON_HOST + " "
             "-e python_env_torch_spec=" + TORCH_SPEC + "' 2>&1"
         )
         for name in ("7-make-up", "7-make-up-again"):
