@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from bench import report
+from bench.peers import PEERS
 from bench.run import MODES, TARGETS, BenchConfig, Runner, dump_meta, profile_gateway, quick_config
 
 
@@ -54,6 +55,19 @@ def main(argv: list[str] | None = None) -> int:
     real.add_argument("--no-real-model", dest="real_model", action="store_false")
     real.add_argument("--real-model-only", action="store_true", help="only the SmolLM2 line")
     parser.add_argument("--real-requests", type=int, default=None)
+    section = parser.add_argument_group(
+        "real-model section", "this stack vs vLLM vs llama.cpp on SmolLM2, each alone (bench/realmodel.py)"
+    )
+    section.add_argument(
+        "--peers",
+        type=_csv(str, (*PEERS, "none")),
+        default=None,
+        help=f"servers, in order (default all: {','.join(PEERS)}; 'none' skips the section)",
+    )
+    section.add_argument("--peers-only", action="store_true", help="only the real-model section")
+    section.add_argument("--peer-concurrency", type=_csv(int), default=None, help="default 1,4,16")
+    section.add_argument("--peer-requests-per-c", type=int, default=None, help="requests per level = this × c (4)")
+    section.add_argument("--peer-tokens", type=int, default=None, help="max_tokens per request (128)")
     parser.add_argument("--no-chart", action="store_true")
     parser.add_argument("--workdir", type=Path, default=None, help="keep logs and configs here (default: a temp dir)")
     args = parser.parse_args(argv)
@@ -78,24 +92,34 @@ def main(argv: list[str] | None = None) -> int:
             "real_model": args.real_model,
             "real_requests": args.real_requests,
             "workdir": args.workdir,
+            "peers": tuple(p for p in args.peers if p != "none") if args.peers is not None else None,
+            "peer_concurrency": args.peer_concurrency,
+            "peer_requests_per_c": args.peer_requests_per_c,
+            "peer_tokens": args.peer_tokens,
         }.items()
         if value is not None
     }
     if args.real_model_only:
         overrides.update(targets=(), real_model=True)
+        overrides.setdefault("peers", ())  # unless --peers names some
+    if args.peers_only:
+        overrides.update(targets=(), real_model=False)
     overrides["out"] = args.out
     overrides["chart"] = not args.no_chart
     config = quick_config(**overrides) if args.quick else BenchConfig(**overrides)
-    rows = Runner(config).run()
+    runner = Runner(config)
+    rows = runner.run()
     report.write_json(rows, config.out)
-    dump_meta(config, config.out.with_suffix(".meta.json"))
+    dump_meta(config, config.out.with_suffix(".meta.json"), runner.peer_meta)
     chart = report.chart(rows, config.out.with_suffix(".png")) if config.chart else None
     print()
     print(report.table(rows))
-    print()
-    print("Headline figures (information, not a gate):")
-    for line in report.acceptance(rows):
-        print("  " + line)
+    headline = report.acceptance(rows)
+    if headline:
+        print()
+        print("Headline figures (information, not a gate):")
+        for line in headline:
+            print("  " + line)
     print(f"\nJSON: {config.out}" + (f"   chart: {chart}" if chart else ""))
     return 0
 

@@ -8,6 +8,8 @@ from pathlib import Path
 from typing import Any
 
 Row = dict[str, Any]
+# The mode of the real-model section's rows (bench/realmodel.py): this stack, vLLM, llama.cpp.
+REAL_MODE = "realmodel"
 
 # Every row has these keys (tests/bench checks them).
 ROW_KEYS = (
@@ -58,6 +60,16 @@ def _fmt(value: Any, digits: int = 1) -> str:
 
 
 def table(rows: Iterable[Row]) -> str:
+    rows = list(rows)
+    real = [r for r in rows if r["mode"] == REAL_MODE]
+    rows = [r for r in rows if r["mode"] != REAL_MODE]
+    if real and not rows:
+        return real_table(real)
+    text = _table(rows)
+    return text + ("\n\n" + real_table(real) if real else "")
+
+
+def _table(rows: Iterable[Row]) -> str:
     head = [
         "target",
         "mode",
@@ -124,6 +136,82 @@ def table(rows: Iterable[Row]) -> str:
     return text + "\n(times in ms; TTFT in non-streaming mode = the whole answer's latency)"
 
 
+def real_table(rows: Sequence[Row]) -> str:
+    """The real-model section: one line per server and concurrency."""
+    head = [
+        "server",
+        "precision",
+        "c",
+        "req",
+        "err",
+        "tok/s",
+        "tok/req",
+        "TTFT p50",
+        "TTFT p95",
+        "decode tok/s p50",
+        "server CPU s",
+        "server cores",
+        "busy cores",
+    ]
+    lines: list[list[str]] = []
+    notes: list[str] = []
+    versions: dict[str, str] = {}
+    for r in rows:
+        name = r.get("server") or r["target"]
+        if not r.get("supported", True):
+            lines.append(
+                [name, r.get("precision") or "-", str(r["concurrency"]), str(r["requests"]), "-"] + ["n/a"] * 8
+            )
+            note = f"{name}: NOT RUN: {r.get('note', '')}"
+            if note not in notes:
+                notes.append(note)
+            continue
+        versions[name] = r.get("server_version") or ""
+        cpu = r.get("server_cpu_s") or {}
+        lines.append(
+            [
+                name,
+                r.get("precision") or "-",
+                str(r["concurrency"]),
+                str(r["requests"]),
+                str(r["errors"]),
+                _fmt(r["tokens_per_s"]),
+                _fmt(r.get("completion_tokens_mean")),
+                _fmt(r["ttft_ms_p50"], 0),
+                _fmt(r.get("ttft_ms_p95"), 0),
+                _fmt(r.get("decode_tokens_per_s_p50")),
+                ", ".join(f"{k} {_fmt(v)}" for k, v in cpu.items()),
+                _fmt(r.get("server_cores_busy"), 2),
+                _fmt(r.get("machine_busy_cores"), 2),
+            ]
+        )
+    widths = [max(len(h), *(len(line[i]) for line in lines)) if lines else len(h) for i, h in enumerate(head)]
+    out = [
+        "Real model: SmolLM2-135M-Instruct on the CPU, streamed chat, temperature 0, each server alone",
+        "  ".join(h.ljust(w) for h, w in zip(head, widths, strict=True)),
+        "  ".join("-" * w for w in widths),
+    ]
+    for line in lines:
+        out.append(
+            "  ".join(v.rjust(w) if i >= 2 else v.ljust(w) for i, (v, w) in enumerate(zip(line, widths, strict=True)))
+        )
+    max_tokens = next((r.get("max_tokens") for r in rows if r.get("max_tokens")), None)
+    out.append("")
+    out.append(
+        f"(max_tokens {max_tokens}; tok/s = usage.completion_tokens of the level / its wall time; tok/req = mean "
+        "completion tokens per request: vLLM and llama.cpp get ignore_eos, the gateway cannot be told, so this stack "
+        "may stop early at the model's end of text; TTFT in ms; decode = per request, after the first token; "
+        "server CPU = CPU seconds of the server's processes during the level)"
+    )
+    out.append(
+        "Caveat: llama.cpp runs a 4-bit quantisation (Q4_1 GGUF); vLLM and the stack's vllm engine bf16, "
+        "the llm engine fp32: not the same arithmetic, only the same model."
+    )
+    for name, version in versions.items():
+        out.append(f"  {name}: {version}")
+    return "\n".join(out + notes)
+
+
 def _find(rows: Sequence[Row], target: str, mode: str, concurrency: int) -> Row | None:
     for r in rows:
         if r["target"] == target and r["mode"] == mode and r["concurrency"] == concurrency and r.get("supported", True):
@@ -184,9 +272,11 @@ def chart(rows: Sequence[Row], path: Path) -> Path | None:
 
     synthetic = [r for r in rows if r.get("supported", True) and r["mode"] in ("stream", "nostream")]
     modes = [m for m in ("stream", "nostream") if any(r["mode"] == m for r in synthetic)]
-    if not modes:
+    real = [r for r in rows if r["mode"] == REAL_MODE]
+    if not modes and not real:
         return None
-    fig, axes = plt.subplots(len(modes), 2, figsize=(11, 4.2 * len(modes)), squeeze=False)
+    panels = len(modes) + (1 if real else 0)
+    fig, axes = plt.subplots(panels, 2, figsize=(11, 4.2 * panels), squeeze=False)
     styles: Mapping[str, str] = {"triton": "o-", "gateway": "s-", "litellm": "^-"}
     for i, mode in enumerate(modes):
         for target in sorted(
@@ -212,9 +302,44 @@ def chart(rows: Sequence[Row], path: Path) -> Path | None:
         for r in rows:
             if r["mode"] == mode and not r.get("supported", True):
                 axes[i][0].annotate(f"{r['target']}: not supported", xy=(0.02, 0.02), xycoords="axes fraction")
-    fig.suptitle("Gateway vs direct Triton vs LiteLLM (synthetic model, same Triton)")
+    if real:
+        _real_panel(axes[len(modes)], real)
+    if modes:
+        fig.suptitle("Gateway vs direct Triton vs LiteLLM (synthetic model, same Triton)")
+    else:
+        fig.suptitle("SmolLM2-135M-Instruct on the CPU: this stack vs vLLM vs llama.cpp")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
+
+
+def _real_panel(axes: Any, rows: Sequence[Row]) -> None:
+    """tokens/s and TTFT p50 by concurrency, one line per server of the real-model section."""
+    styles = {"stack-vllm": "s-", "stack-llm": "D-", "vllm": "o-", "llama.cpp": "^-"}
+    measured = [r for r in rows if r.get("supported", True)]
+    for target in dict.fromkeys(r["target"] for r in measured):
+        pts = sorted((r["concurrency"], r) for r in measured if r["target"] == target)
+        label = f"{pts[0][1].get('server') or target} ({pts[0][1].get('precision') or '?'})"
+        xs = [c for c, _ in pts]
+        axes[0].plot(xs, [r["tokens_per_s"] for _, r in pts], styles.get(target, "x-"), label=label)
+        axes[1].plot(xs, [r["ttft_ms_p50"] for _, r in pts], styles.get(target, "x-"), label=label)
+    max_tokens = next((r.get("max_tokens") for r in rows if r.get("max_tokens")), "?")
+    axes[0].set_ylim(bottom=0)
+    axes[0].set_title(f"SmolLM2-135M, streamed chat ({max_tokens} tokens): output tokens/s")
+    axes[1].set_title("SmolLM2-135M: TTFT p50 (ms)")
+    levels = sorted({r["concurrency"] for r in rows})
+    for ax in axes:
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(levels, [str(c) for c in levels])
+        ax.set_xlabel("concurrency")
+        ax.grid(True, alpha=0.3)
+        if measured:
+            ax.legend(fontsize=8)
+    not_run = sorted({r.get("server") or r["target"] for r in rows if not r.get("supported", True)})
+    if not_run:
+        axes[0].annotate("not run: " + ", ".join(not_run), xy=(0.02, 0.02), xycoords="axes fraction", fontsize=8)
+    axes[0].annotate(
+        "llama.cpp: Q4_1 (4-bit); others bf16/fp32", xy=(0.02, 0.95), xycoords="axes fraction", fontsize=8, va="top"
+    )

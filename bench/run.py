@@ -4,7 +4,8 @@ Order: Triton (synthetic model) runs for the whole synthetic phase; the targets 
 each other — ``triton`` (its own ``generate_stream`` / ``generate``), ``gateway`` (started
 for its turn, stopped after), ``litellm`` (likewise) — each through every mode and level.
 Then the real-model line: a Triton with SmolLM2 through ``model_repository/llm`` and a
-gateway in front of it, direct and gateway requests alternating.
+gateway in front of it, direct and gateway requests alternating. Last, the real-model
+section (``bench.realmodel``): this stack, vLLM and llama.cpp, each alone, same streamed load.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from typing import Any
 
 import psutil
 
-from bench import loadgen
+from bench import loadgen, peers, realmodel
 from bench.loadgen import NOSTREAM, OPENAI, STREAM, TRITON, Endpoint, LevelResult, ProcessCpu, Sample, Workload
 from bench.report import Row, unsupported_row
 
@@ -60,6 +61,11 @@ class BenchConfig:
     real_model: bool = True
     real_requests: int = 10
     real_tokens: int = 64
+    # The real-model section (bench/realmodel.py): servers in turn, each at every concurrency.
+    peers: tuple[str, ...] = peers.PEERS
+    peer_concurrency: tuple[int, ...] = (1, 4, 16)
+    peer_requests_per_c: int = 4
+    peer_tokens: int = 128
     out: Path = Path("bench/results/latest.json")
     chart: bool = True
     workdir: Path | None = None
@@ -71,14 +77,27 @@ class BenchConfig:
     def tokens_for(self, mode: str) -> int:
         return self.stream_tokens if mode == STREAM else self.nostream_tokens
 
+    def real_config(self) -> realmodel.RealConfig:
+        return realmodel.RealConfig(
+            servers=self.peers,
+            concurrency=self.peer_concurrency,
+            requests_per_c=self.peer_requests_per_c,
+            max_tokens=self.peer_tokens,
+        )
+
 
 def quick_config(**overrides: Any) -> BenchConfig:
-    """``make bench-quick``: one level of each mode, every target, no real-model line."""
+    """``make bench-quick``: one level of each mode, every target, no real-model line; of the
+    real-model section only this stack (llm engine: it starts in seconds), 4 short requests at c=4."""
     base: dict[str, Any] = {
         "concurrency": (8,),
         "stream_requests": 48,
         "nostream_requests": 192,
         "real_model": False,
+        "peers": ("stack-llm",),
+        "peer_concurrency": (4,),
+        "peer_requests_per_c": 1,
+        "peer_tokens": 32,
     }
     base.update(overrides)
     return BenchConfig(**base)
@@ -96,6 +115,7 @@ class Runner:
     def __init__(self, config: BenchConfig) -> None:
         self.config = config
         self.rows: list[Row] = []
+        self.peer_meta: dict[str, Any] = {}
         self.log = config.log
         self.loop_runner = asyncio.Runner(loop_factory=_loop_factory())
 
@@ -332,7 +352,20 @@ class Runner:
                 self.synthetic(workdir)
             if cfg.real_model:
                 self.real_model(workdir)
+            if cfg.peers and cfg.peer_concurrency:
+                self.real_section(workdir)
         return self.rows
+
+    def real_section(self, workdir: Path) -> None:
+        """This stack, vLLM and llama.cpp on SmolLM2, each alone (bench/realmodel.py)."""
+        cfg = self.config
+        self.log(
+            f"real-model section: {', '.join(cfg.peers)} at c={','.join(map(str, cfg.peer_concurrency))}, "
+            f"{cfg.peer_requests_per_c}×c requests of {cfg.peer_tokens} tokens"
+        )
+        rows, meta = realmodel.run_section(cfg.real_config(), workdir, self.loop_runner.run, self.log)
+        self.rows += rows
+        self.peer_meta.update(meta)
 
 
 def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop]:
@@ -344,7 +377,7 @@ def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop]:
         return asyncio.new_event_loop
 
 
-def metadata(config: BenchConfig) -> dict[str, Any]:
+def metadata(config: BenchConfig, servers: dict[str, Any] | None = None) -> dict[str, Any]:
     import importlib.metadata as md
 
     def version(name: str) -> str | None:
@@ -376,6 +409,11 @@ def metadata(config: BenchConfig) -> dict[str, Any]:
         "config": cfg,
         "litellm_modes": LITELLM_MODES,
         "loadgen": "aiohttp + uvloop, one process, keep-alive pool of `concurrency` connections per level",
+        # The real-model section: each server's versions, or why it did not run.
+        "realmodel": {
+            "loadgen": "httpx AsyncClient, one per level with `concurrency` keep-alive connections",
+            "servers": servers or {},
+        },
     }
 
 
@@ -524,5 +562,5 @@ def summarize_profile(raw: Path, top: int = 25) -> str:
     return "\n".join(lines) + "\n"
 
 
-def dump_meta(config: BenchConfig, path: Path) -> None:
-    path.write_text(json.dumps(metadata(config), indent=1, default=str) + "\n")
+def dump_meta(config: BenchConfig, path: Path, servers: dict[str, Any] | None = None) -> None:
+    path.write_text(json.dumps(metadata(config, servers), indent=1, default=str) + "\n")

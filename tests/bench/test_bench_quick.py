@@ -50,6 +50,10 @@ def _quick_bench(out: Path, work: Path) -> tuple[subprocess.CompletedProcess[str
         "16",
         "--nostream-requests",
         "32",
+        # Not the real-model section (a Triton with SmolLM2 would double this test's time):
+        # test_realmodel.py runs its code path against a stand-in server.
+        "--peers",
+        "none",
         "--out",
         str(out),
         "--workdir",
