@@ -115,7 +115,7 @@ class TritonPythonModel:
             )
         try:
             self.default_max_tokens = int(params.get("default_max_tokens", ""))
-            max_num_seqs = int(params.get("max_num_seqs") or 32)
+            max_num_seqs = int(params.get("max_num_seqs") or 16)
             kv_cache_gb = float(params.get("kv_cache_gb") or 1)
             max_model_len = int(params["max_model_len"]) if params.get("max_model_len") else None
         except ValueError as exc:
