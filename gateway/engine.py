@@ -8,7 +8,22 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Literal, Protocol
+
+GuideType = Literal["json", "json_schema", "regex", "ebnf_grammar"]
+
+
+@dataclass(frozen=True, slots=True)
+class Guide:
+    """What constrained decoding must produce, in TensorRT-LLM's terms (``guided_decoding_*``).
+
+    ``param`` names the request field it came from, for errors (``response_format``,
+    ``tool_choice``): a backend that cannot honour the guide refuses it by that name.
+    """
+
+    type: GuideType
+    text: str = ""  # the JSON schema (as JSON text), the regex or the grammar; empty for "json"
+    param: str = "response_format"
 
 
 @dataclass(slots=True)
@@ -26,6 +41,30 @@ class GenerationRequest:
     frequency_penalty: float | None = None
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
+    guide: Guide | None = None
+    # None: no logprobs; k >= 0: each token's logprob and its k most likely alternatives.
+    logprobs: int | None = None
+    min_tokens: int | None = None
+    ignore_eos: bool = False
+
+
+@dataclass(slots=True)
+class TokenLogprobs:
+    """The generated tokens a piece covers, with their logprobs (when they were asked for).
+
+    ``top_ids`` / ``top_logprobs`` hold k alternatives per token, flattened row-major.
+    """
+
+    ids: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    top_ids: list[int] = field(default_factory=list)
+    top_logprobs: list[float] = field(default_factory=list)
+
+    def extend(self, other: TokenLogprobs) -> None:
+        self.ids += other.ids
+        self.logprobs += other.logprobs
+        self.top_ids += other.top_ids
+        self.top_logprobs += other.top_logprobs
 
 
 @dataclass(slots=True)
@@ -40,6 +79,7 @@ class GenerationChunk:
     finish_reason: str | None = None
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
+    tokens: TokenLogprobs | None = None
 
 
 class Reports(Protocol):

@@ -14,6 +14,7 @@ from __future__ import annotations
 import secrets
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import orjson
@@ -23,7 +24,17 @@ from gateway.errors import APIError
 DONE = b"data: [DONE]\n\n"
 _OPEN_CHOICE = b',"logprobs":null,"finish_reason":null}]}\n\n'  # the end of a chunk that finishes nothing
 
-ChoiceOut = tuple[str, str | None]  # (text, finish reason) of one choice of a whole answer
+_OPEN_END = b',"finish_reason":null}]}\n\n'
+
+
+@dataclass
+class ChoiceOut:
+    """One choice of a whole answer."""
+
+    text: str | None
+    finish_reason: str | None
+    tool_calls: list[dict[str, Any]] | None = None
+    logprobs: Any = None  # the shape's logprobs object, when asked for
 
 
 def error_event(error: APIError) -> bytes:
@@ -51,6 +62,7 @@ class Shape:
     text_key: ClassVar[bytes]  # between the index and a piece's text
     text_end: ClassVar[bytes]  # after it, to the end of the event
     finish_key: ClassVar[bytes]  # between the index and the finish reason
+    logprobs_key: ClassVar[bytes]  # after a piece's text, before its logprobs object
 
     def __init__(self, model: str, choices: int) -> None:
         self.id = self.id_prefix + secrets.token_hex(12)
@@ -79,6 +91,10 @@ class Shape:
 
     def content(self, index: int, text: str) -> bytes:
         return self._text[index] + orjson.dumps(text) + self.text_end
+
+    def content_with_logprobs(self, index: int, text: str, logprobs: Any) -> bytes:
+        """A piece with its tokens' logprobs (``logprobs`` is the shape's object for them)."""
+        return self._text[index] + orjson.dumps(text) + self.logprobs_key + orjson.dumps(logprobs) + _OPEN_END
 
     def finish(self, index: int, reason: str) -> bytes:
         return self._finish[index] + orjson.dumps(reason) + b"}]}\n\n"
@@ -110,20 +126,29 @@ class ChatShape(Shape):
     text_key = b',"delta":{"content":'
     text_end = b"}" + _OPEN_CHOICE
     finish_key = b',"delta":{},"logprobs":null,"finish_reason":'
+    logprobs_key = b'},"logprobs":'
 
     def role(self, index: int) -> bytes:
         return self._choice[index] + b',"delta":{"role":"assistant","content":""}' + _OPEN_CHOICE
 
+    def tool_call(self, index: int, call: int, call_id: str, name: str) -> bytes:
+        """The first delta of a call: its id, type and name (arguments follow in pieces)."""
+        delta = {"index": call, "id": call_id, "type": "function", "function": {"name": name, "arguments": ""}}
+        return self._tool_delta(index, delta)
+
+    def tool_arguments(self, index: int, call: int, piece: str) -> bytes:
+        return self._tool_delta(index, {"index": call, "function": {"arguments": piece}})
+
+    def _tool_delta(self, index: int, delta: dict[str, Any]) -> bytes:
+        return self._choice[index] + b',"delta":{"tool_calls":[' + orjson.dumps(delta) + b"]}" + _OPEN_CHOICE
+
     def body(self, choices: Sequence[ChoiceOut], counts: dict[str, int]) -> bytes:
-        out = [
-            {
-                "index": i,
-                "message": {"role": "assistant", "content": text, "refusal": None},
-                "logprobs": None,
-                "finish_reason": reason,
-            }
-            for i, (text, reason) in enumerate(choices)
-        ]
+        out = []
+        for i, c in enumerate(choices):
+            message: dict[str, Any] = {"role": "assistant", "content": c.text, "refusal": None}
+            if c.tool_calls:
+                message["tool_calls"] = c.tool_calls
+            out.append({"index": i, "message": message, "logprobs": c.logprobs, "finish_reason": c.finish_reason})
         body = self._body("chat.completion", out, counts)
         body["system_fingerprint"] = None
         return orjson.dumps(body)
@@ -136,10 +161,11 @@ class CompletionShape(Shape):
     text_key = b',"text":'
     text_end = _OPEN_CHOICE
     finish_key = b',"text":"","logprobs":null,"finish_reason":'
+    logprobs_key = b',"logprobs":'
 
     def body(self, choices: Sequence[ChoiceOut], counts: dict[str, int]) -> bytes:
         out = [
-            {"index": i, "text": text, "logprobs": None, "finish_reason": reason}
-            for i, (text, reason) in enumerate(choices)
+            {"index": i, "text": c.text or "", "logprobs": c.logprobs, "finish_reason": c.finish_reason}
+            for i, c in enumerate(choices)
         ]
         return orjson.dumps(self._body("text_completion", out, counts))

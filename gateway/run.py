@@ -13,12 +13,15 @@ import asyncio
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
-from gateway.engine import Engine, GenerationChunk, GenerationRequest, take_reports
+from gateway import logprobs as lp
+from gateway.engine import Engine, GenerationChunk, GenerationRequest, TokenLogprobs, take_reports
 from gateway.errors import APIError
 from gateway.metrics import GatewayMetrics
-from gateway.responses import DONE, Shape, error_event, usage
+from gateway.responses import DONE, ChatShape, ChoiceOut, Shape, error_event, usage
 from gateway.tokenizer import ChatTokenizer
+from gateway.tools import CallStream, Event, ToolPlan, whole_answer
 
 Item = tuple[int, GenerationChunk | None]  # (choice index, chunk); None marks that choice's end
 
@@ -54,6 +57,8 @@ class Choice:
     finish_reason: str | None = None
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
+    tokens: TokenLogprobs | None = None  # every token's logprobs, when asked for (whole answers)
+    calls: CallStream | None = None  # when tools are in play and the answer streams
 
     def add(self, chunk: GenerationChunk) -> None:
         if chunk.text:
@@ -120,6 +125,8 @@ class Run:
         *,
         include_usage: bool = False,
         echo: bool = False,
+        logprobs: int | None = None,
+        tools: ToolPlan | None = None,
     ) -> None:
         self.engine = engine
         self.metrics = metrics
@@ -129,7 +136,9 @@ class Run:
         self.requests = requests
         self.include_usage = include_usage
         self.echo = echo
-        self.choices = [Choice(r.max_tokens) for r in requests]
+        self.top = logprobs  # None: no logprobs; else the alternatives per token
+        self.tools = tools
+        self.choices = [Choice(r.max_tokens, calls=CallStream(tools) if tools and r.stream else None) for r in requests]
         self.started = time.perf_counter()
         self.first_text_at: float | None = None
         self.usage: dict[str, int] | None = None  # set once every choice has ended
@@ -186,20 +195,47 @@ class Run:
         try:
             async for index, chunk in self._pieces():
                 if chunk is not None:
-                    self.choices[index].add(chunk)
+                    choice = self.choices[index]
+                    choice.add(chunk)
+                    if chunk.tokens is not None:
+                        if choice.tokens is None:
+                            choice.tokens = chunk.tokens
+                        else:
+                            choice.tokens.extend(chunk.tokens)
             counts = self._settle()
         except APIError as exc:
             status = str(exc.status)
             raise
         finally:
             self._record(status)
-        return self.shape.body(
-            [
-                ((self._prompt(i).text if self.echo else "") + "".join(c.parts), c.finish_reason)
-                for i, c in enumerate(self.choices)
-            ],
-            counts,
-        )
+        return self.shape.body([self._whole(i, c) for i, c in enumerate(self.choices)], counts)
+
+    def _whole(self, index: int, choice: Choice) -> ChoiceOut:
+        prefix = self._prompt(index).text if self.echo else ""
+        out = ChoiceOut(prefix + "".join(choice.parts), choice.finish_reason)
+        if self.tools is not None and choice.finish_reason != "length":
+            out.text, out.tool_calls = whole_answer(out.text or "", self.tools)
+            if out.tool_calls:
+                out.finish_reason = "tool_calls"
+        if self.top is not None:
+            out.logprobs = self._logprobs(choice.tokens or TokenLogprobs(), len(prefix))
+        return out
+
+    def _logprobs(self, tokens: TokenLogprobs, offset: int = 0) -> Any:
+        """The shape's logprobs object for these tokens."""
+        assert self.top is not None
+        if isinstance(self.shape, ChatShape):
+            return {"content": lp.chat_content(tokens, self.top, self.tokenizer), "refusal": None}
+        return lp.completion_logprobs(tokens, self.top, self.tokenizer, offset)
+
+    def _tool_event(self, index: int, event: Event) -> bytes:
+        shape = self.shape
+        assert isinstance(shape, ChatShape)
+        if event[0] == "text":
+            return shape.content(index, event[1])
+        if event[0] == "call":
+            return shape.tool_call(index, event[1], event[2], event[3])
+        return shape.tool_arguments(index, event[1], event[2])
 
     async def _stream(self) -> AsyncIterator[bytes]:
         pieces = self._pieces()
@@ -227,12 +263,23 @@ class Run:
                 choice = choices[index]
                 if chunk is None:
                     choice.settle(self.tokenizer)
-                    out += shape.finish(index, choice.finish_reason or "stop")
+                    reason = choice.finish_reason or "stop"
+                    if choice.calls is not None:
+                        for event in choice.calls.finish():
+                            out += self._tool_event(index, event)
+                        if choice.calls.made_calls and reason != "length":
+                            reason = "tool_calls"
+                    out += shape.finish(index, reason)
                 else:
                     choice.add(chunk)
-                    if chunk.text:
-                        if self.first_text_at is None:
-                            self.first_text_at = time.perf_counter()
+                    if chunk.text and self.first_text_at is None:
+                        self.first_text_at = time.perf_counter()
+                    if choice.calls is not None:
+                        for event in choice.calls.feed(chunk.text):
+                            out += self._tool_event(index, event)
+                    elif self.top is not None and chunk.tokens is not None:
+                        out += shape.content_with_logprobs(index, chunk.text, self._logprobs(chunk.tokens))
+                    elif chunk.text:
                         out += shape.content(index, chunk.text)
                 if out:
                     yield out

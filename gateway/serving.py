@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field, replace
 
 from gateway.config import GatewaySettings, ModelSettings
-from gateway.engine import Engine, GenerationRequest
+from gateway.engine import Engine, GenerationRequest, Guide
 from gateway.errors import invalid_request, model_not_found
 from gateway.metrics import GatewayMetrics
 from gateway.protocol import (
@@ -27,7 +27,9 @@ from gateway.protocol import (
 )
 from gateway.responses import ChatShape, CompletionShape, Shape
 from gateway.run import Prompt, Run
+from gateway.structured import response_guide
 from gateway.tokenizer import ChatTokenizer
+from gateway.tools import ToolPlan, plan, render_messages
 
 _UINT64 = (1 << 64) - 1
 
@@ -79,7 +81,13 @@ class Serving:
     # ------------------------------------------------------------------ requests
 
     def _generation(
-        self, served: ServedModel, body: SamplingFields, prompt: Prompt, limit: int | None
+        self,
+        served: ServedModel,
+        body: SamplingFields,
+        prompt: Prompt,
+        limit: int | None,
+        guide: Guide | None = None,
+        logprobs: int | None = None,
     ) -> GenerationRequest:
         defaults = served.settings.defaults
         context = served.context_length
@@ -118,6 +126,10 @@ class Serving:
             frequency_penalty=body.frequency_penalty,
             seed=body.seed & _UINT64 if body.seed is not None else None,
             stop=body.stop_list(),
+            guide=guide,
+            logprobs=logprobs,
+            min_tokens=body.min_tokens or None,
+            ignore_eos=body.ignore_eos,
         )
 
     def _fan_out(self, req: GenerationRequest, n: int) -> list[GenerationRequest]:
@@ -133,10 +145,16 @@ class Serving:
         body: SamplingFields,
         prompts: list[Prompt],
         echo: bool = False,
+        guide: Guide | None = None,
+        logprobs: int | None = None,
+        tools: ToolPlan | None = None,
     ) -> Run:
+        if body.min_tokens and body.token_limit() is not None and body.min_tokens > (body.token_limit() or 0):
+            raise invalid_request("min_tokens must not exceed max_tokens", param="min_tokens")
         requests: list[GenerationRequest] = []
         for prompt in prompts:
-            requests += self._fan_out(self._generation(served, body, prompt, body.token_limit()), body.n)
+            request = self._generation(served, body, prompt, body.token_limit(), guide, logprobs)
+            requests += self._fan_out(request, body.n)
         return Run(
             self.engine,
             self.metrics,
@@ -146,24 +164,35 @@ class Serving:
             requests,
             include_usage=bool(body.stream_options and body.stream_options.include_usage),
             echo=echo,
+            logprobs=logprobs,
+            tools=tools,
         )
 
     async def chat(self, body: ChatCompletionRequest) -> bytes | AsyncIterator[bytes]:
         for name in UNSUPPORTED_CHAT_FIELDS:
             if (body.model_extra or {}).get(name) is not None:
                 raise invalid_request(f"{name} is not supported by this server", param=name)
-        if body.logprobs:
-            raise invalid_request("logprobs are not supported by this server", param="logprobs")
-        if body.response_format and body.response_format.get("type") not in (None, "text"):
-            raise invalid_request("only response_format type 'text' is supported", param="response_format")
         served = self.served(body.model)
-        messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in body.messages]
-        prompt = Prompt(served.tokenizer.chat_prompt(messages), served.tokenizer)
-        return await self._run(served, ChatShape, body, [prompt]).answer()
+        tools = plan(body)
+        guide = response_guide(body.response_format)
+        if tools is not None:
+            if guide is not None and tools.mode == "auto":
+                raise invalid_request(
+                    "response_format json_object/json_schema with tool_choice 'auto' is not supported: "
+                    "use tool_choice 'required' or a named function for calls, or leave out tools",
+                    param="response_format",
+                )
+            if body.logprobs:
+                raise invalid_request("logprobs cannot be combined with tools on this server", param="logprobs")
+            guide = tools.guide() or guide
+        tokenizer = served.tokenizer
+        variables = render_messages(body.messages, tools, native=tokenizer.takes_tools)
+        prompt = Prompt(tokenizer.chat_prompt(variables["messages"], variables.get("tools")), tokenizer)
+        top = (body.top_logprobs or 0) if body.logprobs else None
+        run = self._run(served, ChatShape, body, [prompt], guide=guide, logprobs=top, tools=tools)
+        return await run.answer()
 
     async def completion(self, body: CompletionRequest) -> bytes | AsyncIterator[bytes]:
-        if body.logprobs is not None:
-            raise invalid_request("logprobs are not supported by this server", param="logprobs")
         if body.suffix:
             raise invalid_request("suffix is not supported by this server", param="suffix")
         if body.best_of is not None and body.best_of != body.n:
@@ -175,4 +204,6 @@ class Serving:
         if len(texts) > 1 and body.stream:
             raise invalid_request("streaming supports one prompt per request", param="prompt")
         prompts = [Prompt(text, served.tokenizer) for text in texts]
-        return await self._run(served, CompletionShape, body, prompts, echo=body.echo).answer()
+        guide = response_guide(body.response_format)
+        run = self._run(served, CompletionShape, body, prompts, echo=body.echo, guide=guide, logprobs=body.logprobs)
+        return await run.answer()

@@ -13,6 +13,18 @@ from gateway.errors import invalid_request
 _NO_LIMIT = 10**8
 
 
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's byte ↔ printable character table, which byte-level BPE vocabularies are written in."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    table = {b: chr(b) for b in printable}
+    extra = 0
+    for b in range(256):
+        if b not in table:
+            table[b] = chr(256 + extra)
+            extra += 1
+    return table
+
+
 class ChatTokenizer:
     def __init__(self, folder: Path) -> None:
         from transformers import AutoTokenizer
@@ -35,6 +47,15 @@ class ChatTokenizer:
         except ImportError:  # pragma: no cover - depends on the transformers version
             pass
         self._variables = {k: v for k, v in self.tokenizer.special_tokens_map.items() if isinstance(v, str)}
+        self.takes_tools = "tools" in template  # the template renders tool definitions itself
+        self._token_bytes: dict[int, bytes] = {}
+        self._special = set(self.tokenizer.all_special_ids)
+        decoder = getattr(self._fast, "decoder", None)
+        # Byte-level BPE (GPT-2, Llama 3, Qwen, SmolLM2): token strings map back to bytes exactly.
+        self._byte_level = type(decoder).__name__ == "ByteLevel"
+        self._unbyte: dict[str, int] = {}
+        if self._byte_level:
+            self._unbyte = {c: b for b, c in _bytes_to_unicode().items()}
 
     def context_length(self) -> int | None:
         limit = int(getattr(self.tokenizer, "model_max_length", 0) or 0)
@@ -46,11 +67,14 @@ class ChatTokenizer:
             return int(value) if value else None
         return None
 
-    def chat_prompt(self, messages: Sequence[dict[str, str]]) -> str:
+    def chat_prompt(self, messages: Sequence[dict[str, Any]], tools: list[dict[str, Any]] | None = None) -> str:
+        extra = {"tools": tools} if tools else {}
         try:
             if self._render is not None:
-                return str(self._render(messages=messages, add_generation_prompt=True, **self._variables))
-            return str(self.tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True))
+                return str(self._render(messages=messages, add_generation_prompt=True, **self._variables, **extra))
+            return str(
+                self.tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True, **extra)
+            )
         except Exception as exc:  # jinja's TemplateError and friends: the messages don't fit the template
             raise invalid_request(f"messages do not fit the model's chat template: {exc}", param="messages") from exc
 
@@ -63,3 +87,18 @@ class ChatTokenizer:
         if self._fast is not None:
             return len(self._fast.encode(text, add_special_tokens=False).ids)
         return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def token_bytes(self, token_id: int) -> bytes:
+        """The bytes one generated token adds to the text (special tokens add none)."""
+        cached = self._token_bytes.get(token_id)
+        if cached is not None:
+            return cached
+        if token_id in self._special:
+            out = b""
+        elif self._byte_level:
+            piece = self.tokenizer.convert_ids_to_tokens(token_id) or ""
+            out = bytes(self._unbyte.get(c, 0) for c in piece)
+        else:  # SentencePiece and others: decode it alone (a leading space may be lost)
+            out = self.tokenizer.decode([token_id]).encode()
+        self._token_bytes[token_id] = out
+        return out

@@ -9,12 +9,12 @@ is read from its ``/v2/models/<m>/config``: its backend and the names of its ten
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, ClassVar
 
 import orjson
 
-from gateway.engine import GenerationChunk, GenerationRequest
-from gateway.errors import UpstreamError
+from gateway.engine import GenerationChunk, GenerationRequest, TokenLogprobs
+from gateway.errors import APIError, UpstreamError, invalid_request
 
 EventParser = Callable[[Mapping[str, Any]], GenerationChunk]
 
@@ -51,31 +51,99 @@ def _int(value: Any) -> int | None:
     return int(value) if value is not None else None
 
 
+def _list(value: Any) -> list[Any]:
+    # A one-element tensor arrives as a scalar, an absent one as None.
+    if value is None:
+        return []
+    return value if isinstance(value, list) else [value]
+
+
+def refuse(param: str, what: str) -> APIError:
+    """A 400 for a field this model cannot honour: never silently ignored."""
+    return invalid_request(f"{param}: {what}", param=param)
+
+
+# What each field is called when a model cannot honour it.
+_GUIDE_WHY = "this model has no constrained decoding (no guided_decoding_guide_type input)"
+_LOGPROBS_WHY = "this model does not return log probabilities"
+
+
+def _guided_tensors(req: GenerationRequest, inputs: set[str] | None) -> dict[str, Any]:
+    """TensorRT-LLM's ``guided_decoding_guide_type`` / ``guided_decoding_guide``, when asked for."""
+    if req.guide is None:
+        return {}
+    if inputs is not None and "guided_decoding_guide_type" not in inputs:
+        raise refuse(req.guide.param, _GUIDE_WHY)
+    body: dict[str, Any] = {"guided_decoding_guide_type": req.guide.type}
+    if req.guide.text:
+        body["guided_decoding_guide"] = req.guide.text
+    return body
+
+
+def _tokens_from_tensors(event: Mapping[str, Any]) -> TokenLogprobs | None:
+    """The ``output_ids`` / ``output_log_probs`` / ``output_top_log_prob*`` of one response."""
+    ids = event.get("output_ids")
+    if ids is None:
+        return None
+    return TokenLogprobs(
+        [int(i) for i in _list(ids)],
+        [float(v) for v in _list(event.get("output_log_probs"))],
+        [int(i) for i in _list(event.get("output_top_log_prob_ids"))],
+        [float(v) for v in _list(event.get("output_top_log_probs"))],
+    )
+
+
 class LlmDialect:
     """The project's own ``llm`` Python-backend model: deltas, finish reason and counts."""
 
     name = "llm"
 
+    def __init__(self, inputs: set[str] | None = None) -> None:
+        """``inputs``: the model's input tensors; None takes every tensor of the current template."""
+        self.inputs = inputs
+
+    def _has(self, tensor: str) -> bool:
+        return self.inputs is None or tensor in self.inputs
+
     def payload(self, req: GenerationRequest) -> dict[str, Any]:
-        return {
+        body = {
             "text_input": req.prompt,
             "max_tokens": req.max_tokens,
             "stream": req.stream,
             "exclude_input_in_output": True,
             **_sampling(req, stop="stop_words"),
+            **_guided_tensors(req, self.inputs),
         }
+        if req.logprobs is not None:
+            if not self._has("return_log_probs"):
+                raise refuse("logprobs", _LOGPROBS_WHY)
+            body["return_log_probs"] = True
+            if req.logprobs:
+                body["top_logprobs"] = req.logprobs
+        for key in ("min_tokens", "ignore_eos"):
+            if value := getattr(req, key):
+                if not self._has(key):
+                    raise refuse(key, f"this model has no {key} input (re-render its repository)")
+                body[key] = value
+        return body
 
     def parser(self, req: GenerationRequest) -> EventParser:
+        with_tokens = req.logprobs is not None
+
         def parse(event: Mapping[str, Any]) -> GenerationChunk:
             finish = event.get("finish_reason")
             if finish is None:  # the hot path: a streamed delta
-                return GenerationChunk(_text(event.get("text_output")))
-            return GenerationChunk(
-                _text(event.get("text_output")),
-                _text(finish) or "stop",
-                _int(event.get("num_input_tokens")),
-                _int(event.get("num_output_tokens")),
-            )
+                chunk = GenerationChunk(_text(event.get("text_output")))
+            else:
+                chunk = GenerationChunk(
+                    _text(event.get("text_output")),
+                    _text(finish) or "stop",
+                    _int(event.get("num_input_tokens")),
+                    _int(event.get("num_output_tokens")),
+                )
+            if with_tokens:
+                chunk.tokens = _tokens_from_tensors(event)
+            return chunk
 
         return parse
 
@@ -125,6 +193,15 @@ class TrtllmDialect:
             body["random_seed" if "random_seed" in self.inputs else "seed"] = req.seed
         if req.stop:
             body["stop_words"] = req.stop
+        body.update(_guided_tensors(req, self.inputs))
+        if req.logprobs is not None:
+            # output_log_probs comes without the tokens it belongs to: no logprobs object can be made.
+            raise refuse("logprobs", _LOGPROBS_WHY + " with their tokens (TensorRT-LLM returns no token ids)")
+        min_tokens = req.max_tokens if req.ignore_eos else req.min_tokens
+        if min_tokens:
+            if "min_tokens" not in self.inputs:
+                raise refuse("ignore_eos" if req.ignore_eos else "min_tokens", "this model has no min_tokens input")
+            body["min_tokens"] = min_tokens  # ignore_eos: no end before max_tokens
         return body
 
     def parser(self, req: GenerationRequest) -> EventParser:
@@ -156,13 +233,33 @@ class VllmDialect:
     def __init__(self, inputs: set[str]) -> None:
         self.inputs = inputs
 
+    # guided_decoding_guide_type → vLLM's StructuredOutputsParams field
+    _STRUCTURED: ClassVar[dict[str, str]] = {"json_schema": "json", "regex": "regex", "ebnf_grammar": "grammar"}
+
     def payload(self, req: GenerationRequest) -> dict[str, Any]:
-        params = {"max_tokens": req.max_tokens, **_sampling(req, stop="stop")}
+        params: dict[str, Any] = {"max_tokens": req.max_tokens, **_sampling(req, stop="stop")}
+        if req.guide is not None:
+            # The backend builds StructuredOutputsParams from this JSON string.
+            field = self._STRUCTURED.get(req.guide.type)
+            spec: dict[str, Any] = {"json_object": True} if field is None else {field: req.guide.text}
+            if field == "json":
+                spec["json"] = orjson.loads(req.guide.text)
+            params["structured_outputs"] = orjson.dumps(spec).decode()
+        if req.logprobs is not None:
+            if "return_logprobs" not in self.inputs:
+                raise refuse("logprobs", _LOGPROBS_WHY + " (this vLLM backend predates return_logprobs)")
+            params["logprobs"] = req.logprobs
+        if req.min_tokens:
+            params["min_tokens"] = req.min_tokens
+        if req.ignore_eos:
+            params["ignore_eos"] = True
         body: dict[str, Any] = {
             "text_input": req.prompt,
             "stream": req.stream,
             "sampling_parameters": orjson.dumps(params).decode(),
         }
+        if req.logprobs is not None:
+            body["return_logprobs"] = True
         for flag in (
             "exclude_input_in_output",
             "return_finish_reason",
@@ -175,6 +272,7 @@ class VllmDialect:
 
     def parser(self, req: GenerationRequest) -> EventParser:
         counts = _Counts(per_response=req.stream)
+        top = req.logprobs
 
         def parse(event: Mapping[str, Any]) -> GenerationChunk:
             finish = _text(event.get("finish_reason")) or None
@@ -182,11 +280,30 @@ class VllmDialect:
                 finish = None
             elif finish == "abort":
                 raise UpstreamError("vLLM aborted the request")
-            return GenerationChunk(
+            chunk = GenerationChunk(
                 _text(event.get("text_output")), finish, _int(event.get("num_input_tokens")), counts.add(event)
             )
+            if top is not None:
+                chunk.tokens = self._tokens(event.get("logprobs"), top)
+            return chunk
 
         return parse
+
+    @staticmethod
+    def _tokens(value: Any, k: int) -> TokenLogprobs:
+        """The backend's ``logprobs`` JSON (per token: ``{token_id: {logprob, rank, ...}}``, the
+        sampled token first, then the top ones) → ids, logprobs and k alternatives each."""
+        out = TokenLogprobs()
+        raw = _text(value)
+        for position in orjson.loads(raw) if raw and raw != "null" else []:
+            entries = list(position.items())
+            chosen, info = entries[0]
+            out.ids.append(int(chosen))
+            out.logprobs.append(float(info["logprob"]))
+            best = sorted(entries, key=lambda e: e[1].get("rank") or 1 << 30)[:k]
+            out.top_ids += [int(t) for t, _ in best]
+            out.top_logprobs += [float(e["logprob"]) for _, e in best]
+        return out
 
 
 class LlmapiDialect:
@@ -225,6 +342,14 @@ class LlmapiDialect:
             body[p + "seed"] = req.seed
         if req.stop and p + "stop" in self.inputs:
             body[p + "stop"] = req.stop
+        body.update(_guided_tensors(req, self.inputs))
+        if req.logprobs is not None:
+            raise refuse("logprobs", _LOGPROBS_WHY)
+        for key in ("min_tokens", "ignore_eos"):
+            if value := getattr(req, key):
+                if p + key not in self.inputs:
+                    raise refuse(key, f"this model has no {p}{key} input")
+                body[p + key] = value
         return body
 
     def parser(self, req: GenerationRequest) -> EventParser:
@@ -276,7 +401,7 @@ def detect(config: Mapping[str, Any]) -> Dialect:
     if "sampling_param_max_tokens" in inputs:
         return LlmapiDialect(inputs)
     if "finish_reason" in outputs and "max_tokens" in inputs:
-        return LlmDialect()
+        return LlmDialect(inputs)
     if "max_tokens" in inputs:
         return TrtllmDialect(inputs)
     raise UnknownDialect(f"model {config.get('name')!r}: cannot tell which dialect it speaks")

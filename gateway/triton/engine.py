@@ -19,7 +19,7 @@ from tritonclient.utils import InferenceServerException
 
 from gateway.config import TritonSettings
 from gateway.engine import GenerationChunk, GenerationRequest, take_reports
-from gateway.errors import UpstreamError, UpstreamUnavailable
+from gateway.errors import APIError, UpstreamError, UpstreamUnavailable, invalid_request
 from gateway.triton.dialects import Dialect, UnknownDialect, detect
 
 _JSON = {"Content-Type": "application/json"}
@@ -38,9 +38,22 @@ def _error_message(body: bytes) -> str:
         return text.decode(errors="replace")[:500] or "empty reply"
 
 
+def _failed(what: str, message: str, req: GenerationRequest) -> APIError:
+    """A model's error: a 400 naming the field when the model refused the request's guide
+    (a schema or grammar its compiler cannot take), else a 502."""
+    if req.guide is not None and "guided_decoding_guide" in message:
+        return invalid_request(f"{req.guide.param}: the model cannot decode with it: {message}", param=req.guide.param)
+    return UpstreamError(f"{what}: {message}")
+
+
 def _merge(first: GenerationChunk, then: GenerationChunk) -> GenerationChunk:
     """Two consecutive pieces as one (the later one's finish reason and counts win)."""
     first.text += then.text
+    if then.tokens is not None:
+        if first.tokens is None:
+            first.tokens = then.tokens
+        else:
+            first.tokens.extend(then.tokens)
     take_reports(first, then)
     return first
 
@@ -159,11 +172,11 @@ class TritonEngine:
         try:
             if resp.status != 200:
                 message = _error_message(await resp.read())
-                raise UpstreamError(f"Triton rejected the request for {triton_model!r}: {message}")
+                raise _failed(f"Triton rejected the request for {triton_model!r}", message, request)
             if not request.stream:
                 event = orjson.loads(await resp.read())
                 if "error" in event:  # e.g. a model that sent several responses: still HTTP 200
-                    raise UpstreamError(f"Triton failed: {event['error']}")
+                    raise _failed("Triton failed", str(event["error"]), request)
                 yield parse(event)
                 done = True
                 return
@@ -181,7 +194,7 @@ class TritonEngine:
                     if "error" in event:
                         if merged is not None:
                             yield merged
-                        raise UpstreamError(f"Triton failed midway: {event['error']}")
+                        raise _failed("Triton failed midway", str(event["error"]), request)
                     chunk = parse(event)
                     merged = chunk if merged is None else _merge(merged, chunk)
                 if merged is not None:

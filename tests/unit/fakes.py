@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
-from gateway.engine import GenerationChunk, GenerationRequest
+from gateway.engine import GenerationChunk, GenerationRequest, TokenLogprobs
 from gateway.errors import UpstreamError, UpstreamUnavailable
 
 
@@ -20,6 +20,21 @@ class FakeEngine:
     ready_state: bool = True
     requests: list[tuple[str, GenerationRequest]] = field(default_factory=list)
     closed_streams: int = 0
+    # With logprobs asked for: each piece is one token, its id taken from this tokenizer function.
+    token_id: Callable[[str], int] | None = None
+
+    def _tokens(self, request: GenerationRequest, pieces: list[str]) -> TokenLogprobs | None:
+        if request.logprobs is None or self.token_id is None:
+            return None
+        k = request.logprobs
+        ids = [self.token_id(p) for p in pieces]
+        # The chosen token is the most likely one; its alternatives follow, each less likely.
+        return TokenLogprobs(
+            ids,
+            [-0.5 * (i + 1) for i in range(len(ids))],
+            [t for t in ids for _ in range(k)],
+            [-0.5 * (i + 1) - j for i in range(len(ids)) for j in range(k)],
+        )
 
     async def generate(self, model: str, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
         self.requests.append((model, request))
@@ -34,6 +49,7 @@ class FakeEngine:
                     finish if self.report_counts else None,
                     7 if self.report_counts else None,
                     len(pieces) if self.report_counts else None,
+                    self._tokens(request, pieces),
                 )
                 return
             for i, piece in enumerate(pieces):
@@ -41,7 +57,7 @@ class FakeEngine:
                     raise UpstreamError("Triton broke off the answer")
                 if self.delay_s:
                     await asyncio.sleep(self.delay_s)
-                yield GenerationChunk(piece)
+                yield GenerationChunk(piece, tokens=self._tokens(request, [piece]))
             if self.report_counts:
                 yield GenerationChunk("", finish, 7, len(pieces))
         finally:

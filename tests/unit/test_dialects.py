@@ -202,3 +202,119 @@ def test_llmapi_parser_without_finish_reason_or_exclude_input() -> None:
 def test_llmapi_parser_raises_on_an_ended_request(reason: str) -> None:
     with pytest.raises(UpstreamError, match=reason):
         llmapi().parser(req())({"text_output": "x", "finish_reason": reason})
+
+
+# ------------------------------------------------------------------ constrained decoding, logprobs
+
+SCHEMA = '{"type":"object","properties":{"n":{"type":"integer"}},"required":["n"]}'
+
+
+def test_exactly_what_each_dialect_sends_for_a_schema() -> None:
+    from gateway.engine import Guide
+
+    r = req(guide=Guide("json_schema", SCHEMA), min_tokens=2)
+    llm = LlmDialect().payload(r)
+    assert {k: llm[k] for k in ("guided_decoding_guide_type", "guided_decoding_guide", "min_tokens")} == {
+        "guided_decoding_guide_type": "json_schema",
+        "guided_decoding_guide": SCHEMA,
+        "min_tokens": 2,
+    }
+    trt = TrtllmDialect({"text_input", "max_tokens", "guided_decoding_guide_type", "min_tokens"}).payload(r)
+    assert trt == {
+        "text_input": "P",
+        "max_tokens": 8,
+        "stream": True,
+        "guided_decoding_guide_type": "json_schema",
+        "guided_decoding_guide": SCHEMA,
+        "min_tokens": 2,
+    }
+    vllm = VllmDialect({"text_input", "stream", "sampling_parameters"}).payload(r)
+    params = orjson.loads(vllm["sampling_parameters"])
+    assert params == {"max_tokens": 8, "min_tokens": 2, "structured_outputs": params["structured_outputs"]}
+    # Triton's vLLM backend builds StructuredOutputsParams(**json.loads(this string)).
+    assert orjson.loads(params["structured_outputs"]) == {"json": orjson.loads(SCHEMA)}
+    any_json = orjson.loads(VllmDialect(set()).payload(req(guide=Guide("json")))["sampling_parameters"])
+    assert orjson.loads(any_json["structured_outputs"]) == {"json_object": True}
+
+
+def test_a_forced_tool_call_is_a_schema_guide_for_every_dialect() -> None:
+    from gateway.protocol import ChatCompletionRequest
+    from gateway.tools import plan
+
+    tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
+    body = ChatCompletionRequest.model_validate(
+        {"model": "m", "messages": [{"role": "user", "content": "x"}], "tools": [tool], "tool_choice": "required"}
+    )
+    tools = plan(body)
+    assert tools is not None
+    guide = tools.guide()
+    assert guide is not None
+    sent = TrtllmDialect({"guided_decoding_guide_type"}).payload(req(guide=guide))
+    assert sent["guided_decoding_guide_type"] == "json_schema"
+    assert orjson.loads(sent["guided_decoding_guide"]) == {
+        "type": "array",
+        "items": {
+            "type": "object",
+            "properties": {"name": {"type": "string", "enum": ["f"]}, "arguments": {"type": "object"}},
+            "required": ["name", "arguments"],
+            "additionalProperties": False,
+        },
+        "minItems": 1,
+        "maxItems": 1,
+    }
+
+
+def test_what_cannot_be_honoured_is_a_400_naming_the_field() -> None:
+    from gateway.engine import Guide
+    from gateway.errors import APIError
+
+    cases = [
+        (TrtllmDialect({"text_input", "max_tokens"}), req(guide=Guide("json")), "response_format"),
+        (TrtllmDialect({"guided_decoding_guide_type"}), req(logprobs=0), "logprobs"),
+        (TrtllmDialect({"text_input"}), req(ignore_eos=True), "ignore_eos"),
+        (VllmDialect({"sampling_parameters"}), req(logprobs=2), "logprobs"),  # backend before return_logprobs
+        (LlmDialect({"text_input", "max_tokens"}), req(guide=Guide("regex", "a+", "tool_choice")), "tool_choice"),
+        (LlmapiDialect({"text_input"}), req(logprobs=1), "logprobs"),
+    ]
+    for dialect, r, param in cases:
+        with pytest.raises(APIError) as info:
+            dialect.payload(r)
+        assert (info.value.status, info.value.param) == (400, param), (dialect.name, r)
+
+
+def test_logprobs_are_asked_for_and_read_back() -> None:
+    body = LlmDialect().payload(req(logprobs=2))
+    assert body["return_log_probs"] is True and body["top_logprobs"] == 2
+    chunk = LlmDialect().parser(req(logprobs=2))(
+        {
+            "text_output": "ab",
+            "output_ids": [5, 6],
+            "output_log_probs": [-0.1, -0.2],
+            "output_top_log_prob_ids": [5, 9, 6, 8],
+            "output_top_log_probs": [-0.1, -3.0, -0.2, -2.5],
+        }
+    )
+    assert chunk.tokens is not None and chunk.tokens.ids == [5, 6] and chunk.tokens.top_ids == [5, 9, 6, 8]
+    one = LlmDialect().parser(req(logprobs=0))({"text_output": "a", "output_ids": 5, "output_log_probs": -0.1})
+    assert one.tokens is not None and one.tokens.ids == [5] and one.tokens.logprobs == [-0.1]
+    # Triton's vLLM backend: JSON per token, the sampled token first, then the top ones by rank.
+    vllm = VllmDialect({"return_logprobs", "sampling_parameters"})
+    sent = vllm.payload(req(logprobs=1))
+    assert sent["return_logprobs"] is True and orjson.loads(sent["sampling_parameters"])["logprobs"] == 1
+    event = {
+        "text_output": "ab",
+        "logprobs": orjson.dumps(
+            [
+                {"7": {"logprob": -2.0, "rank": 3}, "5": {"logprob": -0.1, "rank": 1}},
+                {"6": {"logprob": -0.2, "rank": 1}},
+            ]
+        ).decode(),
+    }
+    tokens = vllm.parser(req(logprobs=1))(event).tokens
+    assert tokens is not None
+    assert (tokens.ids, tokens.logprobs, tokens.top_ids, tokens.top_logprobs) == (
+        [7, 6],
+        [-2.0, -0.2],
+        [5, 6],
+        [-0.1, -0.2],
+    )

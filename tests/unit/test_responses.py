@@ -13,7 +13,7 @@ from gateway.protocol import (
     ErrorResponse,
     Usage,
 )
-from gateway.responses import DONE, ChatShape, CompletionShape, Shape, error_event, usage
+from gateway.responses import DONE, ChatShape, ChoiceOut, CompletionShape, Shape, error_event, usage
 
 
 def event(data: bytes) -> dict[str, object]:
@@ -44,7 +44,7 @@ def test_chat_chunks() -> None:
 
 def test_chat_body() -> None:
     shape = ChatShape("m", 2)
-    body = orjson.loads(shape.body([("a", "stop"), ("b", "length")], usage(1, 2)))
+    body = orjson.loads(shape.body([ChoiceOut("a", "stop"), ChoiceOut("b", "length")], usage(1, 2)))
     parsed = ChatCompletionResponse.model_validate(body)
     assert [c.message.content for c in parsed.choices] == ["a", "b"]
     assert [c.finish_reason for c in parsed.choices] == ["stop", "length"]
@@ -61,7 +61,7 @@ def test_completion_chunks_and_body() -> None:
     assert end.choices[0].text == "" and end.choices[0].finish_reason == "stop"
     last = CompletionResponse.model_validate(event(shape.usage_chunk(usage(1, 1))))
     assert last.choices == [] and last.usage is not None
-    body = CompletionResponse.model_validate_json(shape.body([("t", "stop")], usage(1, 1)))
+    body = CompletionResponse.model_validate_json(shape.body([ChoiceOut("t", "stop")], usage(1, 1)))
     assert body.choices[0].text == "t" and body.object == "text_completion"
 
 
