@@ -5,9 +5,10 @@ queues each request and returns at once; the manager's generation thread runs on
 pass per step for every active sequence, new requests join at the next step and finished
 ones leave it (docs/llm-model.md). Each request keeps its own sampling settings and seeded
 generator (``_Sampling``), and before every step all live requests are checked for
-cancellation by Triton (the HTTP client went away). The incremental detokenizer and the
-stop-string matcher live here, next to the loop, because the backend imports this file on
-its own.
+cancellation by Triton (the HTTP client went away). The same per-row pass does constrained
+decoding (an xgrammar matcher per request, its bitmask applied to its row only), logprobs
+and min_tokens/ignore_eos. The incremental detokenizer and the stop-string matcher live
+here, next to the loop, because the backend imports this file on its own.
 """
 
 from __future__ import annotations
@@ -15,8 +16,10 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import re
 import secrets
 import sys
+from collections import deque
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,7 +28,14 @@ import torch
 import triton_python_backend_utils as pb_utils  # type: ignore[import-not-found]
 from transformers import AutoModelForCausalLM, AutoTokenizer, ContinuousBatchingConfig, GenerationConfig
 
+try:  # constrained decoding (the `model` extra); without it, guided requests are refused
+    import xgrammar as xgr
+except ImportError:  # pragma: no cover
+    xgr = None
+
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+GUIDE_TYPES = ("json", "json_schema", "regex", "ebnf_grammar")
+MAX_TOP_LOGPROBS = 20
 
 
 class BadRequest(ValueError):
@@ -42,6 +52,10 @@ class Sampling:
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     seed: int | None = None
+    min_tokens: int = 0
+    ignore_eos: bool = False
+    logprobs: bool = False
+    top_logprobs: int = 0
 
 
 # --------------------------------------------------------------------------- tensors
@@ -65,13 +79,25 @@ def _strings(request: Any, name: str) -> list[str]:
     return [v.decode("utf-8") if isinstance(v, bytes) else str(v) for v in tensor.as_numpy().reshape(-1)]
 
 
-def _response(text: str, finish: str | None = None, counts: tuple[int, int] | None = None) -> Any:
+def _response(
+    text: str,
+    finish: str | None = None,
+    counts: tuple[int, int] | None = None,
+    logprobs: list[Any] | None = None,
+) -> Any:
     outputs = [pb_utils.Tensor("text_output", np.array([text.encode("utf-8")], dtype=np.object_))]
     if finish is not None:
         outputs.append(pb_utils.Tensor("finish_reason", np.array([finish.encode()], dtype=np.object_)))
     if counts is not None:
         outputs.append(pb_utils.Tensor("num_input_tokens", np.array([counts[0]], dtype=np.int32)))
         outputs.append(pb_utils.Tensor("num_output_tokens", np.array([counts[1]], dtype=np.int32)))
+    if logprobs is not None:  # [ids, values, top values, top ids] of the tokens this response covers
+        ids, values, top_values, top_ids = logprobs
+        outputs.append(pb_utils.Tensor("output_ids", np.array(ids, dtype=np.int32)))
+        outputs.append(pb_utils.Tensor("output_log_probs", np.array(values, dtype=np.float32)))
+        if top_values is not None:
+            outputs.append(pb_utils.Tensor("output_top_log_probs", np.array(top_values, dtype=np.float32)))
+            outputs.append(pb_utils.Tensor("output_top_log_prob_ids", np.array(top_ids, dtype=np.int32)))
     return pb_utils.InferenceResponse(output_tensors=outputs)
 
 
@@ -152,6 +178,14 @@ class StopMatcher:
         return out
 
 
+def _xgrammar_reason(exc: Exception) -> str:
+    """xgrammar's message without its C++ log prefix ("[12:00:00] /project/cpp/x.cc:12: Check failed: ...")."""
+    text = str(exc).strip()
+    text = re.sub(r"^\[[\d:.]+\]\s+\S+:\d+:\s*", "", text)
+    text = re.sub(r"^Check failed: .*? is false:\s*", "", text)
+    return text or type(exc).__name__
+
+
 # --------------------------------------------------------------------------- settings
 
 
@@ -205,6 +239,7 @@ class Sequence:
         echo: str,
         tokenizer: Any,
         device: torch.device,
+        grammar: Any = None,
     ) -> None:
         self.rid = rid
         self.sender = sender
@@ -230,6 +265,49 @@ class Sequence:
         self.delivered = 0  # output tokens already turned into text
         self.pieces: list[str] = []  # the whole answer when not streaming
         self.failed: str | None = None
+        # Constrained decoding: this request's own matcher over the shared compiled grammar.
+        self.guide: Any = xgr.GrammarMatcher(grammar) if grammar is not None else None
+        # Logprobs: one pending (log_softmax row, top values, top ids) per step whose token is not
+        # known yet (the library picks it after _Sampling), and what the next response carries.
+        self.pending: deque[tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]] = deque()
+        self.out_ids: list[int] = []
+        self.out_values: list[float] = []
+        self.out_top_values: list[float] = []
+        self.out_top_ids: list[int] = []
+        # Whether _Sampling has anything to do on this request's row (else it costs nothing).
+        self.touches_logits = (
+            not self.plain_greedy or self.guide is not None or s.logprobs or s.ignore_eos or s.min_tokens > 0
+        )
+
+    def record_logprobs(self, logits: torch.Tensor) -> None:
+        """Keep this step's raw log-probabilities until the library has picked the token."""
+        logprobs = torch.log_softmax(logits.float(), dim=-1)
+        if self.s.top_logprobs:
+            top = torch.topk(logprobs, self.s.top_logprobs)
+            self.pending.append((logprobs, top.values, top.indices))
+        else:
+            self.pending.append((logprobs, None, None))
+
+    def add_logprob(self, token: int, entry: Any) -> None:
+        self.out_ids.append(token)
+        if entry is None:  # no row was seen for this token (cannot happen while it is live)
+            self.out_values.append(float("nan"))
+            self.out_top_values.extend([float("nan")] * self.s.top_logprobs)
+            self.out_top_ids.extend([-1] * self.s.top_logprobs)
+            return
+        logprobs, top_values, top_ids = entry
+        self.out_values.append(float(logprobs[token]))
+        if top_values is not None and top_ids is not None:
+            self.out_top_values.extend(top_values.tolist())
+            self.out_top_ids.extend(top_ids.tolist())
+
+    def take_logprobs(self) -> list[Any] | None:
+        """The logprob tensors of the next response (the tokens since the last one), or None."""
+        if not self.s.logprobs:
+            return None
+        out = [self.out_ids, self.out_values, self.out_top_values if self.s.top_logprobs else None, self.out_top_ids]
+        self.out_ids, self.out_values, self.out_top_values, self.out_top_ids = [], [], [], []
+        return out
 
     def choose(self, logits: torch.Tensor, generated: list[int]) -> torch.Tensor:
         """This request's row of logits made so that its argmax is the token it picks."""
@@ -285,6 +363,8 @@ class _Sampling:
         self.supported_keys: dict[str, type] = {}
         self.ignored_keys: set[str] = set()
         self.rows: list[Any] = []  # RequestState of each logits row of the coming step
+        self.bitmask: torch.Tensor | None = None  # xgrammar's token bitmask, one row per logits row
+        self.bits: np.ndarray = np.zeros((0, 0), dtype=np.int32)  # the same memory, for numpy
 
     def check_kwargs(self, kwargs: dict[str, Any]) -> None:
         return None
@@ -299,15 +379,59 @@ class _Sampling:
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, args: torch.Tensor) -> torch.Tensor:
         live = self.model.live
+        work = []  # (row, sequence, state) of the rows this step has anything to do on
         for i, state in enumerate(self.rows[: scores.shape[0]]):
             seq = live.get(state.request_id)
-            if seq is None or seq.plain_greedy or seq.failed:
-                continue
+            if seq is not None and seq.touches_logits and not seq.failed:
+                work.append((i, seq, state))
+        if not work:
+            return scores
+        guided: list[int] = []
+        for i, seq, _ in work:
+            try:
+                if seq.s.logprobs:
+                    seq.record_logprobs(scores[i])  # raw: before penalties, temperature and masks
+                mask_eos = seq.s.ignore_eos or seq.delivered < seq.s.min_tokens
+                if seq.guide is not None and not seq.guide.is_terminated():
+                    self._fill_bitmask(i, seq.guide, scores.shape[0], mask_eos)
+                    guided.append(i)
+                elif mask_eos:
+                    scores[i].index_fill_(0, self.model.eos_index, float("-inf"))
+            except Exception as exc:  # one request's failure must not stop the batch
+                seq.failed = f"sampling failed: {exc}"
+        if guided:
+            self._apply_bitmask(scores, guided)
+        for i, seq, state in work:
+            if seq.plain_greedy or seq.failed:
+                continue  # the library's argmax over the (masked) row is the pick
             try:
                 scores[i] = seq.choose(scores[i], state.generated_tokens)
             except Exception as exc:  # one request's failure must not stop the batch
                 seq.failed = f"sampling failed: {exc}"
         return scores
+
+    def _fill_bitmask(self, row: int, guide: Any, rows: int, mask_eos: bool) -> None:
+        """This request's allowed tokens into row ``row`` of the (CPU) bitmask."""
+        if self.bitmask is None or self.bitmask.shape[0] < rows:
+            self.bitmask = xgr.allocate_token_bitmask(max(rows, self.model.max_batch_seqs), self.model.vocab_size)
+            self.bits = self.bitmask.numpy()
+        guide.fill_next_token_bitmask(self.bitmask, row)
+        if mask_eos:
+            bits = self.bits[row]
+            words, keep = self.model.eos_words, self.model.eos_keep
+            saved = bits[words].copy()
+            bits[words] &= keep
+            if not bits.any():
+                # The grammar allows nothing but its end: it wins over min_tokens/ignore_eos.
+                bits[words] = saved
+
+    def _apply_bitmask(self, scores: torch.Tensor, rows: list[int]) -> None:
+        vocab = self.model.vocab_size
+        if scores.device.type == "cpu":
+            xgr.apply_token_bitmask_inplace(scores, self.bitmask, vocab_size=vocab, indices=rows)
+        else:  # filled on the CPU, applied on the device (no kernel to compile)
+            bitmask = self.bitmask.to(scores.device, non_blocking=True)
+            xgr.apply_token_bitmask_inplace(scores, bitmask, vocab_size=vocab, indices=rows, backend="torch_native")
 
 
 # --------------------------------------------------------------------------- model
@@ -367,6 +491,26 @@ class TritonPythonModel:
         if self.tokenizer.eos_token_id is not None:
             eos_ids.add(self.tokenizer.eos_token_id)
         self.eos_ids = eos_ids
+        self.eos_index = torch.tensor(sorted(eos_ids), dtype=torch.long, device=self.device)
+        head = self.model.get_output_embeddings()
+        weight = getattr(head, "weight", None)
+        self.vocab_size = (
+            int(weight.shape[0]) if weight is not None else int(self.model.config.get_text_config().vocab_size)
+        )
+        # The EOS bits in a bitmask row: word index and the mask that clears them (min_tokens, ignore_eos).
+        words: dict[int, int] = {}
+        for token in eos_ids:
+            words[token // 32] = words.get(token // 32, 0) | (1 << (token % 32))
+        self.eos_words = np.array(sorted(words), dtype=np.int64)
+        self.eos_keep = np.array([~words[w] & 0xFFFFFFFF for w in sorted(words)], dtype=np.uint32).view(np.int32)
+        self.grammars: Any = None
+        if xgr is not None:
+            # One compiler (and compile cache) per model; one matcher per request. Its vocabulary is
+            # the model's logits width, its stop tokens the library's EOS ids.
+            info = xgr.TokenizerInfo.from_huggingface(
+                self.tokenizer, vocab_size=self.vocab_size, stop_token_ids=sorted(eos_ids) or None
+            )
+            self.grammars = xgr.GrammarCompiler(info, max_threads=max(1, min(threads, 8)))
 
         labels = {"model": self.model_name}
         # Keep the families alive as long as their metrics (the backend insists).
@@ -439,6 +583,34 @@ class TritonPythonModel:
 
     # ------------------------------------------------------------------ requests
 
+    def _compile_guide(self, request: Any) -> Any:
+        """The request's compiled grammar (xgrammar's cache makes a repeated guide free), or None."""
+        kind = _scalar(request, "guided_decoding_guide_type")
+        guide = _scalar(request, "guided_decoding_guide")
+        if not kind:
+            if guide:
+                raise BadRequest("guided_decoding_guide: guided_decoding_guide_type is missing")
+            return None
+        kind = str(kind).strip().lower()
+        if kind not in GUIDE_TYPES:
+            raise BadRequest(f"guided_decoding_guide: unknown guide type {kind!r} (one of {', '.join(GUIDE_TYPES)})")
+        if self.grammars is None:
+            raise BadRequest("guided_decoding_guide: constrained decoding needs xgrammar in the model's Python")
+        if kind != "json" and not guide:
+            raise BadRequest(f"guided_decoding_guide: empty, but guide type {kind} needs one")
+        try:
+            if kind == "json":
+                return self.grammars.compile_builtin_json_grammar()
+            if kind == "json_schema":
+                # Compact JSON (no free whitespace between tokens): a small model cannot wander off
+                # into endless blank lines, and the text is what json.dumps would write.
+                return self.grammars.compile_json_schema(guide, any_whitespace=False)
+            if kind == "regex":
+                return self.grammars.compile_regex(guide)
+            return self.grammars.compile_grammar(guide)
+        except Exception as exc:
+            raise BadRequest(f"guided_decoding_guide: {_xgrammar_reason(exc)}") from None
+
     def _parse(self, request: Any) -> tuple[list[int], Sampling, list[str], bool, bool, str]:
         text = _scalar(request, "text_input")
         if text is None:
@@ -464,6 +636,16 @@ class TritonPythonModel:
             raise BadRequest(f"top_k must be >= 0, got {s.top_k}")
         if s.repetition_penalty <= 0:
             raise BadRequest(f"repetition_penalty must be > 0, got {s.repetition_penalty}")
+        min_tokens = _scalar(request, "min_tokens")
+        s.min_tokens = int(min_tokens) if min_tokens is not None else 0
+        if not 0 <= s.min_tokens <= max_tokens:
+            raise BadRequest(f"min_tokens must be in [0, max_tokens={max_tokens}], got {s.min_tokens}")
+        s.ignore_eos = bool(_scalar(request, "ignore_eos") or False)
+        s.logprobs = bool(_scalar(request, "return_log_probs") or False)
+        top_logprobs = _scalar(request, "top_logprobs")
+        s.top_logprobs = int(top_logprobs) if top_logprobs is not None and s.logprobs else 0
+        if not 0 <= s.top_logprobs <= MAX_TOP_LOGPROBS:
+            raise BadRequest(f"top_logprobs must be in [0, {MAX_TOP_LOGPROBS}], got {s.top_logprobs}")
         ids = self.tokenizer(text, add_special_tokens=self.add_special_tokens)["input_ids"]
         if not ids:
             raise BadRequest("text_input is empty after tokenization")
@@ -488,12 +670,14 @@ class TritonPythonModel:
             sender = request.get_response_sender()
             try:
                 ids, sampling, stops, stream, exclude, text = self._parse(request)
+                # Compiled here, on Triton's thread: a few ms (cached after), the batch keeps decoding.
+                grammar = self._compile_guide(request)
             except (BadRequest, ValueError, UnicodeDecodeError) as exc:
                 sender.send(_error(str(exc)), flags=FINAL)
                 continue
             rid = f"r{next(self.next_id)}"
             seq = Sequence(
-                rid, sender, ids, sampling, stops, stream, "" if exclude else text, self.tokenizer, self.device
+                rid, sender, ids, sampling, stops, stream, "" if exclude else text, self.tokenizer, self.device, grammar
             )
             self.live[rid] = seq
             try:
@@ -561,12 +745,20 @@ class TritonPythonModel:
     def _advance(self, seq: Sequence, tokens: list[int], finished: bool) -> None:
         new = tokens[seq.delivered :]
         seq.delivered = len(tokens)
+        # One pending logprob row per step, oldest first: the rows of exactly these tokens.
+        entries = [seq.pending.popleft() if seq.pending else None for _ in new] if seq.s.logprobs else None
         finish = "length"
         matched = False
+        ended = False  # the grammar is complete: the library does not know, it must be cancelled
         last = ""  # text that goes out with the final response
         used = 0
-        for token in new:
+        for n, token in enumerate(new):
             used += 1
+            if entries is not None:
+                seq.add_logprob(token, entries[n])
+            guide = seq.guide
+            if guide is not None and not guide.is_terminated() and not guide.accept_token(token):
+                raise RuntimeError(f"the grammar rejected token {token}")
             if token in self.eos_ids:
                 finish, finished = "stop", True
                 break
@@ -574,18 +766,22 @@ class TritonPythonModel:
             if matched:
                 last = piece
                 break
+            if guide is not None and guide.is_terminated():
+                ended = True
+                last = piece
+                break
             if piece and seq.stream:
-                seq.sender.send(_response(piece))
+                seq.sender.send(_response(piece, logprobs=seq.take_logprobs()))
             elif piece:
                 seq.pieces.append(piece)
         self.tokens_metric.increment(used)
-        if not (finished or matched):
+        if not (finished or matched or ended):
             return
         if not matched:
             # The end of the text may still complete a stop string or an unfinished character.
             tail, matched = seq.matcher.feed(seq.decoder.flush())
-            last = tail if matched else tail + seq.matcher.flush()
-        if matched:
+            last = last + tail if matched else last + tail + seq.matcher.flush()
+        if matched or ended:
             finish = "stop"
             if not finished:
                 self.manager.cancel_request(seq.rid)  # frees its slot and cache at the next step
@@ -593,4 +789,4 @@ class TritonPythonModel:
             last = seq.echo + "".join(seq.pieces) + last
         generated = len(tokens) - len(new) + used
         if self.live.pop(seq.rid, None) is not None:
-            seq.sender.send(_response(last, finish, (len(seq.ids), generated)), flags=FINAL)
+            seq.sender.send(_response(last, finish, (len(seq.ids), generated), seq.take_logprobs()), flags=FINAL)
