@@ -6,6 +6,12 @@ and hands each request to the loop, so requests join the running batch at the ne
 and leave it when done. A watcher polls every live request's ``is_cancelled()`` (queued
 ones too) and cancels its task, which aborts it in the engine within one step.
 
+Guided decoding (``guided_decoding_guide_type`` / ``guided_decoding_guide``: json,
+json_schema, regex, ebnf_grammar) runs on vLLM's xgrammar backend; logprobs
+(``return_log_probs``, ``top_logprobs``) are vLLM's raw ones (before temperature and
+penalties), sent as ``output_ids`` / ``output_log_probs`` / ``output_top_log_probs`` /
+``output_top_log_prob_ids`` with the text of the tokens they cover.
+
 Runs in vLLM's own venv (``python -m stack.engines vllm``): Triton starts the stub with
 that interpreter (``stack.triton_native --python``).
 """
@@ -14,7 +20,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import os
+import re
 import shutil
 import sys
 import threading
@@ -27,6 +35,10 @@ import triton_python_backend_utils as pb_utils  # type: ignore[import-not-found]
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 CANCEL_POLL_S = 0.02  # within one decode step (~10-40 ms on a CPU)
+MAX_TOP_LOGPROBS = 20  # the engine's max_logprobs
+GUIDE_TYPES = ("json", "json_schema", "regex", "ebnf_grammar")
+GUIDE = "guided_decoding_guide: "  # the prefix of every error about the guide
+LOGPROB_FLOOR = -9999.0  # for -inf (a token a guide forbids), as OpenAI and vLLM's server: JSON has no -inf
 
 
 class BadRequest(ValueError):
@@ -54,13 +66,58 @@ def _strings(request: Any, name: str) -> list[str]:
     return [v.decode("utf-8") if isinstance(v, bytes) else str(v) for v in tensor.as_numpy().reshape(-1)]
 
 
-def _response(text: str, finish: str | None = None, counts: tuple[int, int] | None = None) -> Any:
+def _finite(logprob: float) -> float:
+    return max(float(logprob), LOGPROB_FLOOR) if not math.isnan(logprob) else LOGPROB_FLOOR
+
+
+@dataclass
+class Logprobs:
+    """Per-token logprobs not sent yet: the chosen token's and its top k alternatives."""
+
+    k: int
+    ids: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    top_logprobs: list[float] = field(default_factory=list)
+    top_ids: list[int] = field(default_factory=list)
+
+    def add(self, token_ids: list[int], entries: Any) -> None:
+        """One entry per token (vLLM's dict token id -> Logprob: the chosen token plus the top k)."""
+        for i, token in enumerate(token_ids):
+            entry = entries[i] if entries is not None and i < len(entries) else None
+            chosen = entry.get(token) if entry else None
+            self.ids.append(int(token))
+            self.logprobs.append(_finite(chosen.logprob) if chosen is not None else LOGPROB_FLOOR)
+            if self.k:
+                ranked = sorted((entry or {}).items(), key=lambda item: -item[1].logprob)[: self.k]
+                ranked += [(-1, None)] * (self.k - len(ranked))  # never seen: vLLM always gives k
+                self.top_ids.extend(int(t) for t, _ in ranked)
+                self.top_logprobs.extend(_finite(lp.logprob) if lp is not None else LOGPROB_FLOOR for _, lp in ranked)
+
+    def take(self) -> list[Any]:
+        """The tensors for the tokens gathered so far (none when there are none), and forget them."""
+        if not self.ids:
+            return []
+        tensors = [
+            pb_utils.Tensor("output_ids", np.array(self.ids, dtype=np.int32)),
+            pb_utils.Tensor("output_log_probs", np.array(self.logprobs, dtype=np.float32)),
+        ]
+        if self.k:
+            tensors.append(pb_utils.Tensor("output_top_log_probs", np.array(self.top_logprobs, dtype=np.float32)))
+            tensors.append(pb_utils.Tensor("output_top_log_prob_ids", np.array(self.top_ids, dtype=np.int32)))
+        self.ids, self.logprobs, self.top_logprobs, self.top_ids = [], [], [], []
+        return tensors
+
+
+def _response(
+    text: str, finish: str | None = None, counts: tuple[int, int] | None = None, extra: list[Any] | None = None
+) -> Any:
     outputs = [pb_utils.Tensor("text_output", np.array([text.encode("utf-8")], dtype=np.object_))]
     if finish is not None:
         outputs.append(pb_utils.Tensor("finish_reason", np.array([finish.encode()], dtype=np.object_)))
     if counts is not None:
         outputs.append(pb_utils.Tensor("num_input_tokens", np.array([counts[0]], dtype=np.int32)))
         outputs.append(pb_utils.Tensor("num_output_tokens", np.array([counts[1]], dtype=np.int32)))
+    outputs.extend(extra or [])
     return pb_utils.InferenceResponse(output_tensors=outputs)
 
 
@@ -77,6 +134,56 @@ def _cpu_has_bf16() -> bool:
     except OSError:
         return False
     return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def _guide(guide_type: str, guide: str) -> Any:
+    """vLLM's StructuredOutputsParams for a guide; BadRequest (naming the guide) when it is unusable."""
+    from vllm.exceptions import VLLMError
+    from vllm.sampling_params import StructuredOutputsParams
+
+    fields: dict[str, Any]
+    if guide_type == "json":  # any JSON object, as vLLM's (and OpenAI's) json_object
+        fields = {"json_object": True}
+    elif guide_type == "json_schema":
+        if not guide.strip():
+            raise BadRequest(f"{GUIDE}a json_schema guide needs the schema")
+        try:
+            schema = json.loads(guide)
+        except json.JSONDecodeError as exc:
+            raise BadRequest(f"{GUIDE}the schema is not valid JSON ({exc})") from None
+        fields = {"json": schema if isinstance(schema, dict) else guide}
+    elif guide_type == "regex":
+        fields = {"regex": guide}
+    elif guide_type == "ebnf_grammar":
+        fields = {"grammar": guide}
+    else:
+        raise BadRequest(f"{GUIDE}unknown guided_decoding_guide_type {guide_type!r} (one of {', '.join(GUIDE_TYPES)})")
+    try:
+        return StructuredOutputsParams(**fields)
+    except (VLLMError, ValueError, TypeError) as exc:
+        raise BadRequest(f"{GUIDE}{exc}") from None
+
+
+def _reason(exc: BaseException) -> str:
+    """vLLM's message, with the parser's own where vLLM only says the guide is invalid."""
+    message = str(exc)
+    cause = exc.__cause__
+    if cause is not None and str(cause) and str(cause) not in message:
+        message = f"{message} {cause}"
+    # xgrammar prefixes its errors with a time and its C++ source line: "[23:09:13] /project/cpp/x.cc:83: ".
+    return re.sub(r"\[\d\d:\d\d:\d\d\] \S+:\d+: ", "", message).strip()
+
+
+@dataclass
+class Job:
+    """One parsed request."""
+
+    ids: list[int]
+    sampling: Any
+    stream: bool
+    echo: str
+    top_logprobs: int | None  # None: no logprobs asked for
+    guided: bool
 
 
 @dataclass
@@ -148,6 +255,7 @@ class TritonPythonModel:
         multiprocessing.set_executable(python if os.path.exists(python) else (shutil.which("python3") or python))
 
         from transformers import AutoTokenizer
+        from vllm.config import StructuredOutputsConfig
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
 
@@ -158,6 +266,12 @@ class TritonPythonModel:
             max_num_seqs=max_num_seqs,
             max_model_len=max_model_len,
             disable_log_stats=True,
+            # Guides: xgrammar, as the llm model, so every engine constrains alike (no fallback);
+            # compact JSON like the llm model: small models otherwise wander into whitespace.
+            structured_outputs_config=StructuredOutputsConfig(backend="xgrammar", disable_any_whitespace=True),
+            # Logprobs: up to 20 alternatives, before temperature and penalties (OpenAI's limit).
+            max_logprobs=MAX_TOP_LOGPROBS,
+            logprobs_mode="raw_logprobs",
         )
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, name="vllm-loop", daemon=True)
@@ -193,8 +307,9 @@ class TritonPythonModel:
 
     # ------------------------------------------------------------------ requests
 
-    def _parse(self, request: Any) -> tuple[list[int], Any, bool, str]:
+    def _parse(self, request: Any) -> Job:
         from vllm import SamplingParams
+        from vllm.exceptions import VLLMError
         from vllm.sampling_params import RequestOutputKind
 
         text = _scalar(request, "text_input")
@@ -221,6 +336,24 @@ class TritonPythonModel:
             raise BadRequest(f"top_k must be >= 0, got {top_k}")
         if fields.get("repetition_penalty", 1.0) <= 0:
             raise BadRequest(f"repetition_penalty must be > 0, got {fields['repetition_penalty']}")
+        guide_type = (_scalar(request, "guided_decoding_guide_type") or "").strip()
+        guide = _scalar(request, "guided_decoding_guide") or ""
+        if guide_type:
+            fields["structured_outputs"] = _guide(guide_type, guide)
+        elif guide:
+            raise BadRequest(f"{GUIDE}sent without guided_decoding_guide_type ({', '.join(GUIDE_TYPES)})")
+        top_logprobs: int | None = None
+        if _scalar(request, "return_log_probs"):
+            top_logprobs = int(_scalar(request, "top_logprobs") or 0)
+            if not 0 <= top_logprobs <= MAX_TOP_LOGPROBS:
+                raise BadRequest(f"top_logprobs must be in 0..{MAX_TOP_LOGPROBS}, got {top_logprobs}")
+            fields["logprobs"] = top_logprobs  # vLLM adds the chosen token to these
+        min_tokens = _scalar(request, "min_tokens")
+        if min_tokens is not None:
+            if not 0 <= int(min_tokens) <= max_tokens:
+                raise BadRequest(f"min_tokens must be in 0..max_tokens ({max_tokens}), got {min_tokens}")
+            fields["min_tokens"] = int(min_tokens)
+        fields["ignore_eos"] = bool(_scalar(request, "ignore_eos") or False)
         ids = self.tokenizer(text, add_special_tokens=self.add_special_tokens)["input_ids"]
         if not ids:
             raise BadRequest("text_input is empty after tokenization")
@@ -239,62 +372,85 @@ class TritonPythonModel:
                 skip_special_tokens=True,
                 **fields,
             )
-        except (ValueError, TypeError) as exc:  # vLLM's own validation, e.g. penalties out of range
+        except (VLLMError, ValueError, TypeError) as exc:  # vLLM's own validation, e.g. penalties out of range
             raise BadRequest(str(exc)) from None
         stream = bool(_scalar(request, "stream") or False)
         exclude = _scalar(request, "exclude_input_in_output")
-        return ids, sampling, stream, "" if exclude is not False else text
+        echo = "" if exclude is not False else text
+        return Job(ids, sampling, stream, echo, top_logprobs, guided="structured_outputs" in fields)
 
     def execute(self, requests: list[Any]) -> None:
         for request in requests:
             sender = request.get_response_sender()
             try:
-                ids, sampling, stream, echo = self._parse(request)
+                job = self._parse(request)
             except (BadRequest, ValueError, UnicodeDecodeError) as exc:
                 sender.send(_error(str(exc)), flags=FINAL)
                 continue
-            asyncio.run_coroutine_threadsafe(self._start(sender, ids, sampling, stream, echo), self.loop)
+            asyncio.run_coroutine_threadsafe(self._start(sender, job), self.loop)
         return None
 
     # ------------------------------------------------------------------ on the loop
 
-    async def _start(self, sender: Any, ids: list[int], sampling: Any, stream: bool, echo: str) -> None:
+    async def _start(self, sender: Any, job: Job) -> None:
+        from vllm.exceptions import VLLMClientError
+        from vllm.v1.engine.exceptions import EngineDeadError
+
         rid = uuid.uuid4().hex
         live = Live(sender)
         self.live[rid] = live
         live.task = asyncio.current_task()
         try:
-            await self._generate(rid, live, ids, sampling, stream, echo)
+            await self._generate(rid, live, job)
         except asyncio.CancelledError:
             # generate() aborted the request in the engine before re-raising.
             self.cancelled_metric.increment(1)
             sender.send(flags=FINAL)
+        except VLLMClientError as exc:  # refused by vLLM's input processor, e.g. a guide it cannot parse
+            prefix = GUIDE if job.guided and not _reason(exc).startswith(GUIDE) else ""
+            sender.send(_error(prefix + _reason(exc)), flags=FINAL)
         except Exception as exc:  # one failed request must not stop the others
+            if job.guided and not isinstance(exc, EngineDeadError) and isinstance(exc.__cause__, ValueError):
+                sender.send(_error(GUIDE + _reason(exc.__cause__)), flags=FINAL)
+                return
             pb_utils.Logger.log_error(f"{self.model_name}: generation failed: {exc!r}")
             sender.send(_error(f"generation failed: {exc}"), flags=FINAL)
         finally:
             self.live.pop(rid, None)
 
-    async def _generate(self, rid: str, live: Live, ids: list[int], sampling: Any, stream: bool, echo: str) -> None:
+    async def _generate(self, rid: str, live: Live, job: Job) -> None:
         from vllm.inputs import TokensPrompt
 
+        ids, stream = job.ids, job.stream
         generated = 0
         finish = "length"
-        async for out in self.engine.generate(TokensPrompt(prompt_token_ids=ids), sampling, request_id=rid):
+        # Logprobs wait here until the response that carries their tokens' text (a token whose
+        # text is held back, e.g. a partial character or a possible stop string, goes with a later one).
+        logprobs = Logprobs(job.top_logprobs) if job.top_logprobs is not None else None
+        prompt = TokensPrompt(prompt_token_ids=ids)
+        async for out in self.engine.generate(prompt, job.sampling, request_id=rid):
             choice = out.outputs[0]
             generated += len(choice.token_ids)
             self.tokens_metric.increment(len(choice.token_ids))
+            if logprobs is not None:
+                logprobs.add(list(choice.token_ids), choice.logprobs)
             if out.finished:
+                if choice.finish_reason == "error" and job.guided:  # xgrammar could not compile the guide
+                    live.sender.send(_error(f"{GUIDE}vLLM could not compile it (see Triton's log)"), flags=FINAL)
+                    return
+                # "length" also when max_tokens ran out before a guide's grammar completed.
                 finish = "stop" if choice.finish_reason == "stop" else "length"
-                text = choice.text if stream else echo + "".join(live.pieces) + choice.text
-                live.sender.send(_response(text, finish, (len(ids), generated)), flags=FINAL)
+                text = choice.text if stream else job.echo + "".join(live.pieces) + choice.text
+                extra = logprobs.take() if logprobs is not None else None
+                live.sender.send(_response(text, finish, (len(ids), generated), extra), flags=FINAL)
                 return
             if choice.text and stream:
-                live.sender.send(_response(choice.text))
+                live.sender.send(_response(choice.text, extra=logprobs.take() if logprobs is not None else None))
             elif choice.text:
                 live.pieces.append(choice.text)
         # The stream ended without a finished output (the engine shut down).
-        live.sender.send(_response("", finish, (len(ids), generated)), flags=FINAL)
+        extra = logprobs.take() if logprobs is not None else None
+        live.sender.send(_response("", finish, (len(ids), generated), extra), flags=FINAL)
 
     async def _watch_cancellations(self) -> None:
         while True:
