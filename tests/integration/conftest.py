@@ -18,6 +18,8 @@ from stack.triton_native import TritonServer, start_triton
 TINY = "tiny"
 SMOL = "smollm2-135m-instruct"
 STANDINS = REPO_ROOT / "tests" / "standins" / "model_repository"
+# Few sequences, so that a queue forms and requests visibly join and leave the running batch.
+VLLM_MAX_NUM_SEQS = 4
 
 
 def gateway_config_for_tests(triton_url: str, models: dict[str, tuple[str, Path]]) -> dict[str, object]:
@@ -68,3 +70,27 @@ def triton_metric(triton: TritonServer, name: str, model: str) -> float:
         if line.startswith(prefix):
             return float(line[len(prefix) :])
     raise AssertionError(f"{name} for {model} not in Triton's metrics")
+
+
+@pytest.fixture(scope="session")
+def vllm_triton(workdir: Path, smollm2_dir: Path) -> Iterator[TritonServer]:
+    """The vllm engine on SmolLM2, in vLLM's own venv (installed into the cache on first use by
+    ``stack.engines``: a few minutes, once)."""
+    from stack.engines import ensure_engine
+
+    python = ensure_engine("vllm")
+    repo = workdir / "vllm_repository"
+    params = {"max_num_seqs": str(VLLM_MAX_NUM_SEQS)}
+    repository.render(repo, {SMOL: smollm2_dir}, template=repository.VLLM_TEMPLATE, params=params)
+    server = start_triton(repo, [SMOL], workdir / "triton-vllm.log", python=python, timeout=900)
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def vllm_gateway(vllm_triton: TritonServer, workdir: Path, smollm2_dir: Path) -> Iterator[Gateway]:
+    gw_dir = workdir / "vllm-gateway"
+    gw_dir.mkdir(exist_ok=True)
+    gw = start_gateway(gateway_config_for_tests(vllm_triton.url, {SMOL: (SMOL, smollm2_dir)}), gw_dir)
+    yield gw
+    gw.stop()

@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+import openai
 import pytest
 
 from stack.gateway_process import Gateway
@@ -144,3 +145,78 @@ def test_vllm_receives_sampling_parameters(gateway: Gateway, standin_log: Path) 
     }
     assert inputs["exclude_input_in_output"] is True
     assert inputs["return_finish_reason"] is True
+
+
+SCHEMA = {"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"]}
+WEATHER = {
+    "type": "function",
+    "function": {"name": "get_weather", "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}},
+}
+
+
+def test_trtllm_receives_the_guide_for_a_schema_and_a_tool_call(gateway: Gateway, standin_log: Path) -> None:
+    client = gateway.client()
+    fmt = {"type": "json_schema", "json_schema": {"name": "n", "schema": SCHEMA}}
+    client.chat.completions.create(
+        model="trtllm_standin",
+        messages=[{"role": "user", "content": "x"}],
+        max_tokens=4,
+        response_format=fmt,  # type: ignore[arg-type]
+        extra_body={"ignore_eos": True},
+    )
+    inputs = received(standin_log, "trtllm_standin")
+    assert inputs["guided_decoding_guide_type"] == "json_schema"
+    assert json.loads(inputs["guided_decoding_guide"]) == SCHEMA
+    assert inputs["min_tokens"] == 4  # ignore_eos: no end before max_tokens
+    # The stand-in's words are not a call: the answer stays text, never a made-up call.
+    reply = client.chat.completions.create(
+        model="trtllm_standin",
+        messages=[{"role": "user", "content": "Weather in Oslo?"}],
+        max_tokens=4,
+        tools=[WEATHER],  # type: ignore[list-item]
+        tool_choice={"type": "function", "function": {"name": "get_weather"}},
+    )
+    inputs = received(standin_log, "trtllm_standin")
+    assert inputs["guided_decoding_guide_type"] == "json_schema"
+    guide = json.loads(inputs["guided_decoding_guide"])
+    assert guide["items"]["properties"]["name"] == {"type": "string", "enum": ["get_weather"]}
+    assert guide["items"]["properties"]["arguments"] == WEATHER["function"]["parameters"]  # type: ignore[index]
+    assert "get_weather" in inputs["text_input"]  # the fallback prompt lists the tool
+    assert reply.choices[0].message.tool_calls is None and reply.choices[0].finish_reason == "length"
+    with pytest.raises(openai.BadRequestError) as info:
+        client.chat.completions.create(
+            model="trtllm_standin", messages=[{"role": "user", "content": "x"}], max_tokens=2, logprobs=True
+        )
+    assert info.value.body["param"] == "logprobs"  # type: ignore[index]
+
+
+def test_vllm_receives_structured_outputs_and_returns_logprobs(gateway: Gateway, standin_log: Path) -> None:
+    client = gateway.client()
+    fmt = {"type": "json_schema", "json_schema": {"name": "n", "schema": SCHEMA}}
+    client.chat.completions.create(
+        model="vllm_standin",
+        messages=[{"role": "user", "content": "x"}],
+        max_tokens=4,
+        response_format=fmt,  # type: ignore[arg-type]
+        extra_body={"min_tokens": 2},
+    )
+    params = json.loads(received(standin_log, "vllm_standin")["sampling_parameters"])
+    assert params["min_tokens"] == 2
+    assert json.loads(params["structured_outputs"]) == {"json": SCHEMA}
+    for stream in (False, True):
+        reply = client.chat.completions.create(
+            model="vllm_standin",
+            messages=[{"role": "user", "content": "x"}],
+            max_tokens=3,
+            logprobs=True,
+            top_logprobs=1,
+            stream=stream,
+        )
+        inputs = received(standin_log, "vllm_standin")
+        assert inputs["return_logprobs"] is True and json.loads(inputs["sampling_parameters"])["logprobs"] == 1
+        if stream:
+            content = [t for c in reply for ch in c.choices if ch.logprobs for t in ch.logprobs.content or []]  # type: ignore[union-attr]
+        else:
+            content = reply.choices[0].logprobs.content  # type: ignore[union-attr]
+        # The stand-in's token ids (1000 + i) are rendered with the tiny tokenizer; one entry per token.
+        assert len(content) == 3 and all(t.logprob == -0.5 and len(t.top_logprobs) == 1 for t in content)

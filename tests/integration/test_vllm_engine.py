@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,37 +17,14 @@ import httpx
 import openai
 import pytest
 
-from stack import repository
-from stack.engines import ensure_engine
-from stack.gateway_process import Gateway, start_gateway
-from stack.triton_native import TritonServer, start_triton
-from tests.integration.conftest import SMOL, gateway_config_for_tests, triton_metric
+from stack.gateway_process import Gateway
+from stack.triton_native import TritonServer
+from tests.integration.conftest import SMOL, VLLM_MAX_NUM_SEQS, triton_metric
 
 pytestmark = pytest.mark.triton
-MAX_NUM_SEQS = 4
+MAX_NUM_SEQS = VLLM_MAX_NUM_SEQS
 NAMES = ("Abe", "Bo", "Cy", "Di", "Ed", "Flo", "Gus", "Hal")
 PROMPTS = [f"Write a long story about a dragon called {name}." for name in NAMES]
-
-
-@pytest.fixture(scope="module")
-def vllm_triton(workdir: Path, smollm2_dir: Path) -> Iterator[TritonServer]:
-    python = ensure_engine("vllm")  # prints progress; a few minutes the first time only
-    repo = workdir / "vllm_repository"
-    repository.render(
-        repo, {SMOL: smollm2_dir}, template=repository.VLLM_TEMPLATE, params={"max_num_seqs": str(MAX_NUM_SEQS)}
-    )
-    server = start_triton(repo, [SMOL], workdir / "triton-vllm.log", python=python, timeout=900)
-    yield server
-    server.stop()
-
-
-@pytest.fixture(scope="module")
-def vllm_gateway(vllm_triton: TritonServer, workdir: Path, smollm2_dir: Path) -> Iterator[Gateway]:
-    gw_dir = workdir / "vllm-gateway"
-    gw_dir.mkdir(exist_ok=True)
-    gw = start_gateway(gateway_config_for_tests(vllm_triton.url, {SMOL: (SMOL, smollm2_dir)}), gw_dir)
-    yield gw
-    gw.stop()
 
 
 @dataclass
@@ -156,9 +132,15 @@ def test_short_request_joins_and_leaves_before_a_long_one(vllm_gateway: Gateway)
 
 def test_cancelled_requests_free_their_slots_at_once(vllm_gateway: Gateway, vllm_triton: TritonServer) -> None:
     cancelled_before = triton_metric(vllm_triton, "llm_cancelled_requests_total", SMOL)
-    # Fill every slot with long requests, two of which hang up after a few pieces...
+    # Fill every slot with long requests (no early end: ignore_eos), two of which hang up
+    # after a few pieces...
     longs = [
-        Streamed(p, 400, extra={"temperature": 1.0, "seed": i}, stop_after=5 if i < 2 else None)
+        Streamed(
+            p,
+            400,
+            extra={"temperature": 1.0, "seed": i, "extra_body": {"ignore_eos": True}},
+            stop_after=5 if i < 2 else None,
+        )
         for i, p in enumerate(PROMPTS[:MAX_NUM_SEQS])
     ]
     threads = [threading.Thread(target=s.run, args=(vllm_gateway.client(),)) for s in longs]
@@ -177,17 +159,19 @@ def test_cancelled_requests_free_their_slots_at_once(vllm_gateway: Gateway, vllm
         assert s.error is None, s.error
     cancelled = triton_metric(vllm_triton, "llm_cancelled_requests_total", SMOL) - cancelled_before
     running = [s for s in longs if s.stop_after is None]
-    queued_done = max(q.done_at or 0 for q in queued)
-    waited = queued_done - max(s.done_at or 0 for s in longs if s.stop_after)
+    hung_up = max(s.done_at or 0 for s in longs if s.stop_after)
+    queued_first = max(q.first_at or 0 for q in queued)
+    running_done = min(s.done_at or 0 for s in running)
     print(
-        f"cancelled {cancelled:.0f}; queued requests done {waited:.1f} s after the hang-ups; "
-        f"the still-running long ones ended {min(s.done_at or 0 for s in running) - queued_done:.1f} s later"
+        f"cancelled {cancelled:.0f}; queued requests' first pieces {queued_first - hung_up:.1f} s after the "
+        f"hang-ups; the still-running long ones ended {running_done - queued_first:.1f} s after that "
+        f"({[s.usage for s in running]} prompt/completion tokens)"
     )
     assert cancelled == 2
     assert all(q.usage is not None and q.usage[1] > 0 for q in queued)
-    # The queued requests took the freed slots: they did not wait for a long request to end.
-    assert all(s.usage is not None and s.usage[1] > 100 for s in running), "a long request ended too early to tell"
-    assert max(q.done_at or 0 for q in queued) < min(s.done_at or 0 for s in running)
+    assert all(s.usage is not None and s.usage[1] == 400 for s in running)
+    # The queued requests took the freed slots: they started while the long ones still ran.
+    assert queued_first < running_done
 
 
 def test_concurrent_greedy_texts_match_sequential_ones(vllm_gateway: Gateway, smollm2_dir: Path) -> None:

@@ -124,6 +124,9 @@ class TritonPythonModel:
         text = _scalar(request, "text_input")
         if text is None:
             raise ValueError("text_input is required")
+        for name in ("guided_decoding_guide_type", "return_log_probs", "min_tokens", "ignore_eos"):
+            if _scalar(request, name) is not None:  # declared for the dialect, refused: never ignored
+                raise ValueError(f"{name}: the synthetic benchmark model does not implement it")
         value = _scalar(request, "max_tokens")
         if value is None:
             try:

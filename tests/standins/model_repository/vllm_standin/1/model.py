@@ -74,6 +74,7 @@ _SAMPLING_FIELDS = {
     "truncate_prompt_tokens",
     "output_kind",
     "guided_decoding",
+    "structured_outputs",  # the newest backend's name (StructuredOutputsParams), see _sampling_params
     "logit_bias",
     "allowed_token_ids",
 }
@@ -161,6 +162,13 @@ def _sampling_params(params: dict) -> dict:
     for key in params:
         if key not in _SAMPLING_FIELDS:
             raise TypeError(f"Unexpected keyword argument '{key}'")
+    if "structured_outputs" in params:
+        # Newer backends (vLLM >= 0.10.2): TritonSamplingParams.from_dict builds
+        # StructuredOutputsParams(**json.loads(value)); its fields, one of which is set.
+        spec = json.loads(params["structured_outputs"])
+        unknown = set(spec) - {"json", "regex", "choice", "grammar", "json_object", "structural_tag"}
+        if unknown or len(spec) != 1:
+            raise ValueError(f"StructuredOutputsParams: exactly one known field, got {sorted(spec)}")
     sp = dict(_DEFAULTS)
     sp.update(params)
     if sp["best_of"] is None:
