@@ -278,6 +278,7 @@ def start_stack(engine: str, workdir: Path, log: Log | None = None) -> Peer:
         versions=versions,
         precision=PRECISION[name],
         processes={"triton": triton.process.pid, "gateway": gateway.process.pid},
+        accepts=("ignore_eos", "min_tokens", "response_format"),
         logs=[triton_log, *([gateway.log] if gateway.log else [])],
         _stops=[triton.stop, gateway.stop],  # stopped in reverse: the gateway first
     )

@@ -3,10 +3,15 @@
 One load generator (httpx, one ``AsyncClient`` per level with ``concurrency`` keep-alive
 connections) sends every server the same request: one user message, ``stream: true``,
 ``stream_options: {include_usage: true}``, ``max_tokens`` (128), temperature 0; plus
-``ignore_eos: true`` / ``min_tokens`` to the servers that take them (vLLM both, llama.cpp
-``ignore_eos``; the gateway neither: it answers until the model's end of text or
-``max_tokens``). Each server runs alone (started, measured at every concurrency, stopped),
-see ``bench.peers``.
+``ignore_eos: true`` / ``min_tokens`` to the servers that take them (vLLM and this stack
+both, llama.cpp ``ignore_eos``), so every answer is ``max_tokens`` long. Each server runs
+alone (started, measured at every concurrency, stopped), see ``bench.peers``.
+
+Servers that take ``response_format`` (this stack) are also measured with constrained
+decoding: ``requests_per_c`` requests one after the other with a ``json_schema`` (a title
+and a story) and as many without, the same prompt and ``max_tokens``, and the ratio of their
+median decode rates (``json_schema`` in the run's metadata per server; the acceptance is
+≥ 0.8).
 
 Per level: a warm-up of ``concurrency`` short requests (16 tokens) on the level's
 connections, then ``requests_per_c × concurrency`` measured requests pulled by
@@ -41,6 +46,11 @@ from bench.report import REAL_MODE, Row, unsupported_row
 MODE = REAL_MODE
 MESSAGES = ({"role": "user", "content": "Write a long story about a dragon who learns to bake bread."},)
 WARMUP_TOKENS = 16
+STORY_SCHEMA = {
+    "type": "object",
+    "properties": {"title": {"type": "string"}, "story": {"type": "string"}},
+    "required": ["title", "story"],
+}
 
 
 @dataclass
@@ -172,6 +182,39 @@ async def run_level(peer: peers.Peer, cfg: RealConfig, concurrency: int, probes:
     return level_row(peer, cfg, concurrency, count, answers, wall, cpu, own, busy)
 
 
+async def structured_comparison(peer: peers.Peer, cfg: RealConfig) -> dict[str, Any]:
+    """One request at a time, ``json_schema`` against unconstrained: decode rate of each."""
+    url = f"{peer.url}/v1/chat/completions"
+    out: dict[str, Any] = {"requests": cfg.requests_per_c, "schema": STORY_SCHEMA}
+    async with httpx.AsyncClient(timeout=httpx.Timeout(600.0)) as client:
+        for label in ("plain", "json_schema"):
+            body = request_body(peer, cfg.max_tokens)
+            body.pop("ignore_eos", None)  # a grammar that is done must be able to end
+            body.pop("min_tokens", None)
+            if label == "json_schema":
+                body["response_format"] = {"type": "json_schema", "json_schema": {"name": "s", "schema": STORY_SCHEMA}}
+            await one_request(client, url, {**body, "max_tokens": WARMUP_TOKENS})
+            answers = [await one_request(client, url, body) for _ in range(cfg.requests_per_c)]
+            ok = [a for a in answers if a.ok]
+            decode = [
+                (a.completion_tokens - 1) / (a.last - a.first)
+                for a in ok
+                if a.first is not None and a.last is not None and a.last > a.first and a.completion_tokens > 1
+            ]
+            out[label] = {
+                "errors": len(answers) - len(ok),
+                "error_samples": [a.error for a in answers if not a.ok][:2],
+                "completion_tokens_mean": round(sum(a.completion_tokens for a in ok) / len(ok), 1) if ok else None,
+                "decode_tokens_per_s_p50": round(statistics.median(decode), 2) if decode else None,
+                "ttft_ms_p50": round(1000 * statistics.median([a.first - a.start for a in ok if a.first]), 1)
+                if ok
+                else None,
+            }
+    plain, constrained = out["plain"]["decode_tokens_per_s_p50"], out["json_schema"]["decode_tokens_per_s_p50"]
+    out["ratio"] = round(constrained / plain, 3) if plain and constrained else None
+    return out
+
+
 def level_row(
     peer: peers.Peer,
     cfg: RealConfig,
@@ -294,6 +337,14 @@ def run_section(
                 if row["errors"]:
                     log(f"    errors: {row['error_samples']}")
                 rows.append(row)
+            if "response_format" in peer.accepts:
+                result = run(structured_comparison(peer, cfg))
+                meta[name]["json_schema"] = result
+                log(
+                    f"  {name:<10} json_schema decode p50 {result['json_schema']['decode_tokens_per_s_p50']} tok/s "
+                    f"vs plain {result['plain']['decode_tokens_per_s_p50']} tok/s: ratio {result['ratio']} "
+                    f"(errors {result['json_schema']['errors']}+{result['plain']['errors']})"
+                )
         finally:
             peer.stop()
     return rows, meta

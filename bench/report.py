@@ -199,8 +199,8 @@ def real_table(rows: Sequence[Row]) -> str:
     out.append("")
     out.append(
         f"(max_tokens {max_tokens}; tok/s = usage.completion_tokens of the level / its wall time; tok/req = mean "
-        "completion tokens per request: vLLM and llama.cpp get ignore_eos, the gateway cannot be told, so this stack "
-        "may stop early at the model's end of text; TTFT in ms; decode = per request, after the first token; "
+        "completion tokens per request: every server is sent ignore_eos where it takes it (llama.cpp, vLLM, this "
+        "stack); TTFT in ms; decode = per request, after the first token; "
         "server CPU = CPU seconds of the server's processes during the level)"
     )
     out.append(
