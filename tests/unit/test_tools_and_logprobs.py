@@ -4,6 +4,8 @@ sent to the engine (the guide), and what the client gets back, whole and streame
 from __future__ import annotations
 
 import json
+import shutil
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -235,3 +237,44 @@ async def test_extensions_reach_the_engine(client: httpx.AsyncClient, engine: Fa
     sent = engine.requests[-1][1]
     assert sent.ignore_eos is True and sent.min_tokens == 2
     assert orjson.loads(orjson.dumps(sent.stop)) == []
+
+
+def test_a_template_that_takes_tools_renders_them_itself(tiny_model_dir: Path, tmp_path: Path) -> None:
+
+    folder = tmp_path / "with-tools"
+    shutil.copytree(tiny_model_dir, folder)
+    (folder / "chat_template.jinja").write_text(
+        "{% for t in tools or [] %}TOOL {{ t.function.name }}\n{% endfor %}"
+        "{% for m in messages %}{{ m.role }}: {{ m.content or '' }}"
+        "{% for c in m.tool_calls or [] %}CALL {{ c.function.name }} {{ c.function.arguments.city }}{% endfor %}"
+        "{{ '\\n' }}"
+        "{% endfor %}assistant:"
+    )
+    tokenizer = ChatTokenizer(folder)
+    assert tokenizer.takes_tools
+    body = ChatCompletionRequest.model_validate(
+        {
+            "model": MODEL,
+            "messages": [
+                {"role": "user", "content": "Weather?"},
+                {
+                    "role": "assistant",
+                    "content": None,
+                    "tool_calls": [
+                        {
+                            "id": "call_1",
+                            "type": "function",
+                            "function": {"name": "get_weather", "arguments": '{"city": "Oslo"}'},
+                        }
+                    ],
+                },
+                {"role": "tool", "tool_call_id": "call_1", "content": "sunny"},
+            ],
+            "tools": [WEATHER],
+        }
+    )
+    variables = render_messages(body.messages, plan(body), native=True)
+    text = tokenizer.chat_prompt(variables["messages"], variables.get("tools"))
+    # The template's own format: tools listed by it, arguments handed over as a dict, the
+    # tool role kept; no fallback system prompt.
+    assert text == "TOOL get_weather\nuser: Weather?\nassistant: CALL get_weather Oslo\ntool: sunny\nassistant:"
