@@ -51,7 +51,9 @@ async def _validation_error(_: Request, exc: Exception) -> Response:
 async def _http_error(_: Request, exc: Exception) -> Response:
     assert isinstance(exc, StarletteHTTPException)
     kind = "not_found" if exc.status_code == 404 else None
-    return _error_response(APIError(exc.status_code, str(exc.detail), code=kind))
+    response = _error_response(APIError(exc.status_code, str(exc.detail), code=kind))
+    response.headers.update(exc.headers or {})  # e.g. a 405's Allow
+    return response
 
 
 async def _unexpected(_: Request, exc: Exception) -> Response:

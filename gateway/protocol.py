@@ -16,6 +16,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from gateway.errors import invalid_request
+
 # ------------------------------------------------------------------------------ requests
 
 
@@ -64,6 +66,32 @@ class StreamOptions(BaseModel):
 
 
 Penalty = Annotated[float, Field(ge=-2.0, le=2.0)]
+INT64 = 1 << 63
+
+
+def _unencodable(value: Any, path: str) -> str | None:
+    """The path of the first string that is not valid Unicode text (a lone surrogate), if any."""
+    if isinstance(value, str):
+        if value.isascii():
+            return None
+        try:
+            value.encode()
+        except UnicodeEncodeError:
+            return path or "(body)"
+        return None
+    if isinstance(value, dict):
+        for key, item in value.items():
+            found = _unencodable(item, f"{path}.{key}" if path else str(key))
+            if found:
+                return found
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            found = _unencodable(item, f"{path}[{i}]")
+            if found:
+                return found
+    return None
+
+
 StopList = Annotated[list[Annotated[str, Field(min_length=1)]], Field(max_length=4)]
 
 
@@ -80,7 +108,7 @@ class SamplingFields(BaseModel):
     top_p: float | None = Field(default=None, ge=0.0, le=1.0)
     n: int = Field(default=1, ge=1, le=16)
     stop: Annotated[str, Field(min_length=1)] | StopList | None = None
-    seed: int | None = None
+    seed: int | None = Field(default=None, ge=-INT64, lt=INT64)  # int64, as OpenAI's API
     presence_penalty: Penalty | None = None
     frequency_penalty: Penalty | None = None
     user: str | None = None
@@ -92,6 +120,16 @@ class SamplingFields(BaseModel):
 
     def token_limit(self) -> int | None:
         return self.max_tokens
+
+    @model_validator(mode="before")
+    @classmethod
+    def _text_is_unicode(cls, data: Any) -> Any:
+        # JSON may carry lone surrogates ("\ud800"): no tokenizer or backend takes them.
+        # An APIError passes through Pydantic untouched, so the 400 names the field.
+        where = _unencodable(data, "")
+        if where:
+            raise invalid_request(f"{where}: not valid Unicode text (a lone surrogate)", param=where)
+        return data
 
     def stop_list(self) -> list[str]:
         if self.stop is None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncGenerator, AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -310,3 +311,43 @@ async def test_client_going_away_cancels_the_engine_request(tiny_model_dir: Path
     assert engine.closed_streams == 2
     text = generate_latest(serving.metrics.registry).decode()
     assert f'gateway_requests_total{{endpoint="chat",model="{MODEL}",status="499"}} 1.0' in text
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "param"),
+    [
+        ("/v1/chat/completions", chat(messages=[{"role": "user", "content": "a\ud800b"}]), "messages[0].content"),
+        (
+            "/v1/chat/completions",
+            chat(messages=[{"role": "user", "content": [{"type": "text", "text": "\udfff"}]}]),
+            "messages[0].content[0].text",
+        ),
+        ("/v1/chat/completions", chat(stop=["ok", "\ud83d"]), "stop[1]"),
+        ("/v1/completions", {"model": MODEL, "prompt": ["fine", "bad \ud800"]}, "prompt[1]"),
+        ("/v1/completions", {"model": MODEL, "prompt": "x", "user": "\ud800"}, "user"),
+    ],
+)
+async def test_lone_surrogates_are_400_naming_the_field(
+    client: httpx.AsyncClient, engine: FakeEngine, path: str, body: dict[str, Any], param: str
+) -> None:
+    # json.dumps writes lone surrogates as \ud800 escapes, as a hostile client may send them.
+    raw = json.dumps(body).encode()
+    err = assert_envelope(
+        await client.post(path, content=raw, headers={"content-type": "application/json"}), 400, param
+    )
+    assert "surrogate" in err["message"]
+    assert not engine.requests
+    # Proper non-ASCII text is fine, and the connection still serves.
+    ok = await client.post("/v1/chat/completions", json=chat(messages=[{"role": "user", "content": "héllo 🐉"}]))
+    assert ok.status_code == 200
+
+
+@pytest.mark.parametrize("seed", [2**63, -(2**63) - 1, 2**70, -(2**70)])
+async def test_seed_outside_int64_is_400(client: httpx.AsyncClient, seed: int) -> None:
+    assert_envelope(await client.post("/v1/chat/completions", json=chat(seed=seed)), 400, "seed")
+
+
+async def test_405_says_what_is_allowed(client: httpx.AsyncClient) -> None:
+    resp = await client.get("/v1/chat/completions")
+    assert resp.status_code == 405 and resp.headers["allow"] == "POST"
+    ErrorResponse.model_validate(resp.json())
