@@ -211,7 +211,9 @@ class Runner:
             yield Endpoint("triton", TRITON, triton_url, servers.SYNTHETIC), []
         elif target == "gateway":
             self.log("starting the gateway (python -m gateway)")
-            config = servers.gateway_config(triton_url, {servers.SYNTHETIC: (servers.SYNTHETIC, tokenizer)})
+            config = servers.gateway_config(
+                triton_url, {servers.SYNTHETIC: (servers.SYNTHETIC, tokenizer)}, servers.UNLIMITED
+            )
             gateway = servers.start_gateway(config, workdir)
             try:
                 yield (
@@ -446,7 +448,8 @@ def profile_gateway(
         triton = servers.start_synthetic_triton(workdir)
         try:
             gateway = servers.start_gateway(
-                servers.gateway_config(triton.url, {servers.SYNTHETIC: (servers.SYNTHETIC, tiny)}), workdir
+                servers.gateway_config(triton.url, {servers.SYNTHETIC: (servers.SYNTHETIC, tiny)}, servers.UNLIMITED),
+                workdir,
             )
             try:
                 endpoint = Endpoint("gateway", OPENAI, gateway.url, servers.SYNTHETIC)

@@ -45,9 +45,18 @@ __all__ = [
 ]
 
 
-def gateway_config(triton_url: str, models: dict[str, tuple[str, Path]]) -> dict[str, object]:
-    """The stack's gateway config with a 60 s read timeout: a stalled stream fails the run fast."""
-    return stack_gateway_config.gateway_config(triton_url, models, triton_read_timeout_s=60)
+# The synthetic model runs any number of requests at once: admission must not be what is measured.
+UNLIMITED: dict[str, object] = {"limits": {"max_in_flight": 100_000, "max_queue": 100_000}}
+
+
+def gateway_config(
+    triton_url: str, models: dict[str, tuple[str, Path]], model_settings: dict[str, object] | None = None
+) -> dict[str, object]:
+    """The stack's gateway config with a 60 s read timeout: a stalled stream fails the run fast.
+
+    ``model_settings``: e.g. ``UNLIMITED`` for the synthetic model; a real engine keeps the
+    gateway's default admission (its batch)."""
+    return stack_gateway_config.gateway_config(triton_url, models, model_settings, triton_read_timeout_s=60)
 
 
 def start_synthetic_triton(workdir: Path, piece_delay_ms: float = 0.0) -> TritonServer:

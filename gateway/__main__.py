@@ -12,6 +12,7 @@ from fastapi import FastAPI
 
 from gateway.app import create_app
 from gateway.config import ConfigError, load_settings
+from gateway.shutdown import DrainingServer
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -33,13 +34,22 @@ def main(argv: list[str] | None = None) -> int:
         args.port or settings.port,
         args.log_level,
         settings.log_requests,
+        settings.shutdown_grace_s,
     )
     return 0
 
 
-def run(app: FastAPI, host: str, port: int, log_level: str = "info", access_log: bool = False) -> None:
-    """uvicorn with the fast loop and parser, and no per-response work we don't need."""
-    uvicorn.run(
+def run(
+    app: FastAPI,
+    host: str,
+    port: int,
+    log_level: str = "info",
+    access_log: bool = False,
+    shutdown_grace_s: float = 10.0,
+) -> None:
+    """uvicorn with the fast loop and parser, no per-response work we don't need, and a drain
+    on SIGTERM (gateway.shutdown)."""
+    config = uvicorn.Config(
         app,
         host=host,
         port=port,
@@ -50,8 +60,10 @@ def run(app: FastAPI, host: str, port: int, log_level: str = "info", access_log:
         # Clients reach us directly (or through a proxy that sets its own headers).
         proxy_headers=False,
         server_header=False,
+        # After the drain every answer has ended; this only bounds closing the connections.
         timeout_graceful_shutdown=5,
     )
+    DrainingServer(config, shutdown_grace_s).run()
 
 
 if __name__ == "__main__":

@@ -14,6 +14,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from gateway.config import GatewaySettings
 from gateway.engine import Engine
 from gateway.errors import APIError, param_from_loc
+from gateway.http_limits import SizeLimits
+from gateway.openapi import install_openapi
 from gateway.routes import ops, v1
 from gateway.serving import Serving
 from gateway.tokenizer import ChatTokenizer
@@ -22,7 +24,7 @@ log = logging.getLogger("gateway")
 
 
 def _error_response(error: APIError) -> Response:
-    return Response(error.json(), status_code=error.status, media_type="application/json")
+    return Response(error.json(), status_code=error.status, media_type="application/json", headers=error.headers)
 
 
 async def _api_error(_: Request, exc: Exception) -> Response:
@@ -50,7 +52,7 @@ async def _validation_error(_: Request, exc: Exception) -> Response:
 
 async def _http_error(_: Request, exc: Exception) -> Response:
     assert isinstance(exc, StarletteHTTPException)
-    kind = "not_found" if exc.status_code == 404 else None
+    kind = {404: "not_found", 413: "request_too_large"}.get(exc.status_code)
     response = _error_response(APIError(exc.status_code, str(exc.detail), code=kind))
     response.headers.update(exc.headers or {})  # e.g. a 405's Allow
     return response
@@ -58,7 +60,8 @@ async def _http_error(_: Request, exc: Exception) -> Response:
 
 async def _unexpected(_: Request, exc: Exception) -> Response:
     log.exception("unhandled error", exc_info=exc)
-    return _error_response(APIError(500, "internal server error", type="server_error"))
+    # Closing the connection: whatever broke may have left the request half read.
+    return _error_response(APIError(500, "internal server error", type="server_error", headers={"Connection": "close"}))
 
 
 def create_app(
@@ -92,4 +95,6 @@ def create_app(
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(Exception, _unexpected)
+    app.add_middleware(SizeLimits, max_body_bytes=settings.max_body_bytes, max_header_bytes=settings.max_header_bytes)
+    install_openapi(app, list(settings.models))  # the served names as an enum: clients and fuzzers see them
     return app

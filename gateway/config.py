@@ -28,6 +28,8 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 9000
 DEFAULT_MAX_TOKENS = 256
+# The llm and vllm models decode 16 sequences at once unless told otherwise.
+DEFAULT_MAX_IN_FLIGHT = 16
 
 
 class SamplingDefaults(BaseModel):
@@ -42,12 +44,35 @@ class SamplingDefaults(BaseModel):
     repetition_penalty: float | None = Field(default=None, gt=0.0)
 
 
+class Limits(BaseModel):
+    """How much one served model takes on: admission (in flight, queue) and work per request.
+
+    ``max_in_flight`` counts engine requests (a request with ``n`` choices, or several
+    prompts, takes that many) and should match what the backend decodes at once: the llm
+    and vllm models' ``max_batch_seqs`` / ``max_num_seqs`` (16 unless set). Beyond it,
+    requests wait in a FIFO queue (``max_queue`` long, ``max_queue_wait_s`` at most); a full
+    queue is an immediate 429, a wait that runs out a 503, both with ``Retry-After``.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_in_flight: int = Field(default=DEFAULT_MAX_IN_FLIGHT, ge=1)
+    max_queue: int = Field(default=256, ge=0)
+    max_queue_wait_s: float = Field(default=30.0, gt=0)
+    # Work one request may ask for; each is a 400 naming the field.
+    max_prompts: int = Field(default=32, ge=1)  # prompts per /v1/completions request
+    max_n: int = Field(default=8, ge=1)
+    # prompts × n × max_tokens in all (max_tokens: the request's, or the model's default)
+    max_requested_tokens: int = Field(default=32768, ge=1)
+
+
 class ModelSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     triton_model: str = Field(min_length=1)
     tokenizer: Path
     defaults: SamplingDefaults = SamplingDefaults()
+    limits: Limits = Limits()
     # Prompt + completion limit; taken from the tokenizer/model config when not set.
     context_length: int | None = Field(default=None, ge=1)
 
@@ -79,6 +104,12 @@ class GatewaySettings(BaseModel):
     triton: TritonSettings = TritonSettings()
     models: dict[str, ModelSettings] = Field(min_length=1)
     log_requests: bool = False
+    # Larger bodies are a 413 before they are read; larger request headers a 431.
+    max_body_bytes: int = Field(default=8 * 1024 * 1024, ge=1024)
+    max_header_bytes: int = Field(default=64 * 1024, ge=1024)
+    # SIGTERM: new requests get 503, queued ones 503, running ones this long to finish before
+    # their streams end with an error event and [DONE]. Keep it under systemd's TimeoutStopSec.
+    shutdown_grace_s: float = Field(default=10.0, ge=0)
 
 
 class ConfigError(ValueError):

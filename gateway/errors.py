@@ -18,6 +18,7 @@ class APIError(Exception):
         type: str = "invalid_request_error",
         param: str | None = None,
         code: str | None = None,
+        headers: dict[str, str] | None = None,
     ) -> None:
         super().__init__(message)
         self.status = status
@@ -25,6 +26,7 @@ class APIError(Exception):
         self.type = type
         self.param = param
         self.code = code
+        self.headers = headers  # e.g. Retry-After on 429/503
 
     def body(self) -> dict[str, Any]:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
@@ -54,7 +56,7 @@ class UpstreamUnavailable(APIError):
     """Triton cannot be reached (connection refused, reset before any answer, not ready)."""
 
     def __init__(self, message: str) -> None:
-        super().__init__(503, message, type="server_error", code="upstream_unavailable")
+        super().__init__(503, message, type="server_error", code="upstream_unavailable", headers={"Retry-After": "5"})
 
 
 class UpstreamError(APIError):

@@ -114,7 +114,7 @@ class SamplingFields(BaseModel):
     user: str | None = None
     # Extensions many OpenAI-compatible servers accept (vLLM's names; benchmark tools send ignore_eos).
     top_k: int | None = Field(default=None, ge=-1)
-    repetition_penalty: float | None = Field(default=None, gt=0.0, le=10.0)
+    repetition_penalty: float | None = Field(default=None, ge=0.01, le=10.0)
     min_tokens: int | None = Field(default=None, ge=0)
     ignore_eos: bool = False
 

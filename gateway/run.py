@@ -16,11 +16,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from gateway import logprobs as lp
+from gateway.admission import Admission, shutting_down
 from gateway.engine import Engine, GenerationChunk, GenerationRequest, TokenLogprobs, take_reports
 from gateway.errors import APIError
 from gateway.metrics import GatewayMetrics
 from gateway.responses import DONE, ChatShape, ChoiceOut, Shape, error_event, usage
-from gateway.tokenizer import ChatTokenizer
+from gateway.shutdown import Shutdown
+from gateway.tokenizer import OFF_LOOP_CHARS, ChatTokenizer
 from gateway.tools import CallStream, Event, ToolPlan, whole_answer
 
 Item = tuple[int, GenerationChunk | None]  # (choice index, chunk); None marks that choice's end
@@ -30,22 +32,42 @@ Item = tuple[int, GenerationChunk | None]  # (choice index, chunk); None marks t
 class Prompt:
     """A prompt whose token count is only worked out when something needs it.
 
-    The context check can mostly be settled by a cheap upper bound, and the engines that
-    report their own count make tokenizing in the gateway unnecessary: that keeps the
-    tokenizer off the path to the first token.
+    The context check can mostly be settled by cheap bounds, and the engines that report
+    their own count make tokenizing in the gateway unnecessary: that keeps the tokenizer off
+    the path to the first token (and a huge prompt off the event loop: ``count``).
     """
 
     text: str
     tokenizer: ChatTokenizer
     _tokens: int | None = None
+    _bytes: int | None = None
+
+    def size(self) -> int:
+        """UTF-8 bytes."""
+        if self._bytes is None:
+            self._bytes = len(self.text.encode())
+        return self._bytes
 
     def tokens(self) -> int:
         if self._tokens is None:
             self._tokens = self.tokenizer.count(self.text)
         return self._tokens
 
+    async def count(self) -> int:
+        if self._tokens is None:
+            self._tokens = await self.tokenizer.count_off_loop(self.text)
+        return self._tokens
+
     def at_most(self) -> int:
-        return self._tokens if self._tokens is not None else self.tokenizer.upper_bound(self.text)
+        if self._tokens is not None:
+            return self._tokens
+        # A huge text is not even encoded on the event loop: 4 bytes a character at most.
+        return (len(self.text) * 4 if len(self.text) >= OFF_LOOP_CHARS else self.size()) + 1
+
+    def at_least(self) -> int:
+        if self._tokens is not None:
+            return self._tokens
+        return self.tokenizer.lower_bound(len(self.text) if len(self.text) >= OFF_LOOP_CHARS else self.size())
 
 
 @dataclass
@@ -118,6 +140,7 @@ class Run:
         self,
         engine: Engine,
         metrics: GatewayMetrics,
+        admission: Admission,
         tokenizer: ChatTokenizer,
         shape: Shape,
         prompts: list[Prompt],
@@ -127,9 +150,12 @@ class Run:
         echo: bool = False,
         logprobs: int | None = None,
         tools: ToolPlan | None = None,
+        shutdown: Shutdown | None = None,
     ) -> None:
         self.engine = engine
+        self.shutdown = shutdown or Shutdown()
         self.metrics = metrics
+        self.admission = admission
         self.tokenizer = tokenizer
         self.shape = shape
         self.prompts = prompts
@@ -155,12 +181,23 @@ class Run:
 
     # ------------------------------------------------------------------ state
 
-    def _pieces(self) -> AsyncGenerator[Item, None]:
-        """Every choice's pieces as (index, chunk), interleaved when there are several."""
+    async def _pieces(self) -> AsyncGenerator[Item, None]:
+        """Every choice's pieces as (index, chunk), interleaved when there are several.
+
+        The engine is only asked once admission lets the request in; its room is given back
+        when the pieces end, however they end (finished, failed, or the client left).
+        """
         model = self.shape.model
-        if len(self.requests) == 1:
-            return _single(self.engine.generate(model, self.requests[0]))
-        return _merge([self.engine.generate(model, r) for r in self.requests])
+        async with self.admission.slot(len(self.requests)):
+            if len(self.requests) == 1:
+                pieces = _single(self.engine.generate(model, self.requests[0]))
+            else:
+                pieces = _merge([self.engine.generate(model, r) for r in self.requests])
+            try:
+                async for item in pieces:
+                    yield item
+            finally:
+                await pieces.aclose()
 
     def _prompt(self, index: int) -> Prompt:
         return self.prompts[index * len(self.prompts) // len(self.choices)]
@@ -206,6 +243,9 @@ class Run:
         except APIError as exc:
             status = str(exc.status)
             raise
+        except asyncio.CancelledError:
+            status = "503" if self.shutdown.stopping else "499"
+            raise
         finally:
             self._record(status)
         return self.shape.body([self._whole(i, c) for i, c in enumerate(self.choices)], counts)
@@ -250,51 +290,64 @@ class Run:
         return self._events(pieces, first)
 
     async def _events(self, pieces: AsyncGenerator[Item, None], first: Item) -> AsyncIterator[bytes]:
-        shape, choices = self.shape, self.choices
-        status = "200"
-        # The role (and echo) chunks leave together with the first piece: one write, not three.
-        out = b"".join(
-            shape.role(i) + (shape.content(i, self._prompt(i).text) if self.echo else b"") for i in range(len(choices))
-        )
-        try:
-            item: Item | None = first
-            while item is not None:
-                index, chunk = item
-                choice = choices[index]
-                if chunk is None:
-                    choice.settle(self.tokenizer)
-                    reason = choice.finish_reason or "stop"
-                    if choice.calls is not None:
-                        for event in choice.calls.finish():
-                            out += self._tool_event(index, event)
-                        if choice.calls.made_calls and reason != "length":
-                            reason = "tool_calls"
-                    out += shape.finish(index, reason)
-                else:
-                    choice.add(chunk)
-                    if chunk.text and self.first_text_at is None:
-                        self.first_text_at = time.perf_counter()
-                    if choice.calls is not None:
-                        for event in choice.calls.feed(chunk.text):
-                            out += self._tool_event(index, event)
-                    elif self.top is not None and chunk.tokens is not None:
-                        out += shape.content_with_logprobs(index, chunk.text, self._logprobs(chunk.tokens))
-                    elif chunk.text:
-                        out += shape.content(index, chunk.text)
-                if out:
-                    yield out
-                    out = b""
-                item = await anext(pieces, None)
-            counts = self._settle()
-            if self.include_usage:
-                yield shape.usage_chunk(counts)
-        except APIError as exc:
-            status = f"{exc.status}-midstream"
-            yield error_event(exc)
-        except (asyncio.CancelledError, GeneratorExit):
-            status = "499"  # the client went away
-            raise
-        finally:
-            await pieces.aclose()
-            self._record(status)
-        yield DONE
+        # The stream runs in a task of its own (Starlette's): shutdown interrupts it there.
+        with self.shutdown.guard():
+            shape, choices = self.shape, self.choices
+            status = "200"
+            # The role (and echo) chunks leave together with the first piece: one write, not three.
+            out = b"".join(
+                shape.role(i) + (shape.content(i, self._prompt(i).text) if self.echo else b"")
+                for i in range(len(choices))
+            )
+            try:
+                item: Item | None = first
+                while item is not None:
+                    index, chunk = item
+                    choice = choices[index]
+                    if chunk is None:
+                        choice.settle(self.tokenizer)
+                        reason = choice.finish_reason or "stop"
+                        if choice.calls is not None:
+                            for event in choice.calls.finish():
+                                out += self._tool_event(index, event)
+                            if choice.calls.made_calls and reason != "length":
+                                reason = "tool_calls"
+                        out += shape.finish(index, reason)
+                    else:
+                        choice.add(chunk)
+                        if chunk.text and self.first_text_at is None:
+                            self.first_text_at = time.perf_counter()
+                        if choice.calls is not None:
+                            for event in choice.calls.feed(chunk.text):
+                                out += self._tool_event(index, event)
+                        elif self.top is not None and chunk.tokens is not None:
+                            out += shape.content_with_logprobs(index, chunk.text, self._logprobs(chunk.tokens))
+                        elif chunk.text:
+                            out += shape.content(index, chunk.text)
+                    if out:
+                        yield out
+                        out = b""
+                    item = await anext(pieces, None)
+                counts = self._settle()
+                if self.include_usage:
+                    yield shape.usage_chunk(counts)
+            except APIError as exc:
+                status = f"{exc.status}-midstream"
+                yield error_event(exc)
+            except asyncio.CancelledError:
+                if not self.shutdown.stopping:
+                    status = "499"  # the client went away
+                    raise
+                # Shutdown's grace ran out (Serving.stop): say so, then end the stream properly.
+                task = asyncio.current_task()
+                if task is not None:
+                    task.uncancel()
+                status = "503-midstream"
+                yield error_event(shutting_down())
+            except GeneratorExit:
+                status = "499"
+                raise
+            finally:
+                await pieces.aclose()
+                self._record(status)
+            yield DONE

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
+import ctypes
+import ctypes.util
 import json
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +15,27 @@ from gateway.errors import invalid_request
 
 # Tokenizers without a limit report a huge sentinel as model_max_length.
 _NO_LIMIT = 10**8
+# Texts longer than this are tokenized off the event loop, in a way that releases the GIL:
+# a 4 MiB prompt takes seconds, and every other client would wait for it.
+OFF_LOOP_CHARS = 32 * 1024
+# One worker: huge texts queue for it instead of tokenizing side by side, each with its own
+# hundreds of MB of scratch memory.
+_WORKER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tokenize")
+
+
+def _glibc() -> ctypes.CDLL | None:
+    name = ctypes.util.find_library("c")
+    libc = ctypes.CDLL(name) if name else None
+    return libc if libc is not None and hasattr(libc, "malloc_trim") else None  # musl has none
+
+
+_LIBC = _glibc()
+
+
+def _trim_heap() -> None:
+    """Hand freed scratch memory back to the OS (glibc keeps a thread's arena otherwise)."""
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)
 
 
 def _bytes_to_unicode() -> dict[int, str]:
@@ -56,6 +81,10 @@ class ChatTokenizer:
         self._unbyte: dict[str, int] = {}
         if self._byte_level:
             self._unbyte = {c: b for b, c in _bytes_to_unicode().items()}
+        # No token stands for more text than the longest vocabulary entry (special tokens
+        # included; byte-level and SentencePiece marks only make this larger): a lower bound
+        # on a text's token count without tokenizing it.
+        self.longest_token_bytes = max((len(t.encode()) for t in self.tokenizer.get_vocab()), default=1) or 1
 
     def context_length(self) -> int | None:
         limit = int(getattr(self.tokenizer, "model_max_length", 0) or 0)
@@ -83,10 +112,39 @@ class ChatTokenizer:
         one UTF-8 byte (special tokens are longer), plus one for a SentencePiece prefix space."""
         return len(text.encode()) + 1
 
+    def lower_bound(self, text_bytes: int) -> int:
+        """At most the token count of a text of ``text_bytes`` UTF-8 bytes."""
+        return -(-text_bytes // self.longest_token_bytes)
+
     def count(self, text: str) -> int:
         if self._fast is not None:
             return len(self._fast.encode(text, add_special_tokens=False).ids)
         return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    async def count_off_loop(self, text: str) -> int:
+        """``count``, in the tokenizer's worker thread when ``text`` is long."""
+        if len(text) < OFF_LOOP_CHARS:
+            return self.count(text)
+        return await asyncio.get_running_loop().run_in_executor(_WORKER, self._count_releasing_gil, text)
+
+    def _count_releasing_gil(self, text: str) -> int:
+        # The Rust tokenizer's encode() holds the GIL throughout; encode_batch() lets it go.
+        try:
+            if self._fast is not None:
+                return len(self._fast.encode_batch([text], add_special_tokens=False)[0])
+            return self.count(text)
+        finally:
+            _trim_heap()  # here, not on the event loop: it takes tens of ms after a huge text
+
+    async def chat_prompt_off_loop(
+        self, messages: Sequence[dict[str, Any]], tools: list[dict[str, Any]] | None = None
+    ) -> str:
+        """``chat_prompt``, in the worker thread when the messages are long (rendering a
+        template over megabytes takes tens of ms; in a thread the GIL is shared every 5 ms)."""
+        size = sum(len(c) for m in messages if isinstance(c := m.get("content"), str))
+        if size < OFF_LOOP_CHARS:
+            return self.chat_prompt(messages, tools)
+        return await asyncio.get_running_loop().run_in_executor(_WORKER, self.chat_prompt, messages, tools)
 
     def token_bytes(self, token_id: int) -> bytes:
         """The bytes one generated token adds to the text (special tokens add none)."""

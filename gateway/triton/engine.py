@@ -1,7 +1,8 @@
 """``Engine`` on Triton Inference Server over HTTP.
 
-Generation goes through Triton's ``generate`` / ``generate_stream`` endpoints on one pooled
-keep-alive ``aiohttp`` session; health, readiness and model configs through
+Generation goes through Triton's ``generate_stream`` endpoint on one pooled keep-alive
+``aiohttp`` session (whole answers from our own models are streamed and gathered here, see
+``_streams_whole_answers``); health, readiness and model configs through
 ``tritonclient.http.aio``. Closing a stream early closes its connection, which is how Triton
 learns that the client is gone and cancels the request.
 """
@@ -11,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 from collections.abc import AsyncIterator, Mapping
+from dataclasses import replace
 
 import aiohttp
 import orjson
@@ -44,6 +46,18 @@ def _failed(what: str, message: str, req: GenerationRequest) -> APIError:
     if req.guide is not None and "guided_decoding_guide" in message:
         return invalid_request(f"{req.guide.param}: the model cannot decode with it: {message}", param=req.guide.param)
     return UpstreamError(f"{what}: {message}")
+
+
+def _streams_whole_answers(dialect: Dialect) -> bool:
+    """Whether whole answers are asked for as a stream and gathered here.
+
+    Triton notices that a client has gone only when it writes to it: a request answered in
+    one piece at the end runs to its end even after the gateway closed the connection for a
+    client that left. Streamed, it is cancelled at the next token. Our own models (``llm``,
+    ``vllm``) stream exactly what they would answer whole; the other dialects differ between
+    the two modes (stop strings, cumulative text), so they keep answering whole.
+    """
+    return dialect.name == "llm"
 
 
 def _merge(first: GenerationChunk, then: GenerationChunk) -> GenerationChunk:
@@ -146,9 +160,13 @@ class TritonEngine:
             url = next(self._urls)
             try:
                 dialect = await self.dialect(url, triton_model)
-                endpoint = "generate_stream" if req.stream else "generate"
+                if not req.stream and _streams_whole_answers(dialect):
+                    req = replace(req, stream=True)
+                # generate_stream for whole answers too: Triton cancels a request when its
+                # stream's connection closes, but runs a plain `generate` to the end even after
+                # the client (the gateway, for a client that left) has hung up.
                 resp = await self.session.post(
-                    f"{url}/v2/models/{triton_model}/{endpoint}",
+                    f"{url}/v2/models/{triton_model}/generate_stream",
                     data=orjson.dumps(dialect.payload(req)),
                     headers=_JSON,
                 )
@@ -169,15 +187,23 @@ class TritonEngine:
         resp, dialect = await self._open(triton_model, request)
         parse = dialect.parser(request)
         done = False
+        whole: GenerationChunk | None = None  # a whole answer gathered from a stream
         try:
             if resp.status != 200:
                 message = _error_message(await resp.read())
                 raise _failed(f"Triton rejected the request for {triton_model!r}", message, request)
-            if not request.stream:
-                event = orjson.loads(await resp.read())
-                if "error" in event:  # e.g. a model that sent several responses: still HTTP 200
-                    raise _failed("Triton failed", str(event["error"]), request)
-                yield parse(event)
+            if not request.stream and not _streams_whole_answers(dialect):
+                # Usually one event (stream=false: the model answers once); pieces are joined.
+                for line in (await resp.read()).split(b"\n"):
+                    if line.startswith(_DATA):
+                        event = orjson.loads(line[6:])
+                        if "error" in event:
+                            raise _failed("Triton failed", str(event["error"]), request)
+                        chunk = parse(event)
+                        whole = chunk if whole is None else _merge(whole, chunk)
+                if whole is None:
+                    raise UpstreamError(f"Triton sent no answer for {triton_model!r}")
+                yield whole
                 done = True
                 return
             # Everything that arrived in one read becomes one chunk: when Triton produces
@@ -192,13 +218,20 @@ class TritonEngine:
                         continue
                     event = orjson.loads(line[6:])
                     if "error" in event:
-                        if merged is not None:
+                        if merged is not None and request.stream:
                             yield merged
                         raise _failed("Triton failed midway", str(event["error"]), request)
                     chunk = parse(event)
                     merged = chunk if merged is None else _merge(merged, chunk)
                 if merged is not None:
-                    yield merged
+                    if request.stream:
+                        yield merged
+                    else:
+                        whole = merged if whole is None else _merge(whole, merged)
+            if not request.stream:
+                if whole is None:
+                    raise UpstreamError(f"Triton sent no answer for {triton_model!r}")
+                yield whole
             done = True
         except aiohttp.ClientError as exc:  # reset, truncated, or garbled mid-answer
             raise UpstreamError(f"Triton broke off the answer: {exc!r}") from exc

@@ -27,16 +27,6 @@ def settings(tokenizer_dir: Path, **extra: Any) -> GatewaySettings:
     )
 
 
-@pytest.fixture(scope="module")
-def tokenizer(tiny_model_dir: Path) -> ChatTokenizer:
-    return ChatTokenizer(tiny_model_dir)
-
-
-@pytest.fixture()
-def engine() -> FakeEngine:
-    return FakeEngine()
-
-
 @pytest.fixture()
 async def client(
     tiny_model_dir: Path, tokenizer: ChatTokenizer, engine: FakeEngine

@@ -17,9 +17,9 @@ from gateway.protocol import ChatCompletionChunk, ChatCompletionRequest, ChatCom
 from gateway.tokenizer import ChatTokenizer
 from gateway.tools import CallStream, plan, render_messages
 from tests.unit.fakes import FakeEngine
-from tests.unit.test_gateway_api import MODEL, assert_envelope, chat, client, engine, events, tokenizer
+from tests.unit.test_gateway_api import MODEL, assert_envelope, chat, client, events
 
-__all__ = ["client", "engine", "tokenizer"]  # the gateway's fixtures, shared
+__all__ = ["client"]  # the gateway's fixture, shared (tokenizer and engine: conftest.py)
 
 WEATHER = {
     "type": "function",
