@@ -4,7 +4,8 @@ vLLM's ``AsyncLLM`` runs on an asyncio loop in a thread of this stub; its engine
 (scheduler, paged KV cache, the model) runs in a child process. ``execute`` only parses
 and hands each request to the loop, so requests join the running batch at the next step
 and leave it when done. A watcher polls every live request's ``is_cancelled()`` (queued
-ones too) and cancels its task, which aborts it in the engine within one step.
+ones too) and cancels its task, which aborts it in the engine within one step; a request
+already cancelled when its task starts never reaches the engine.
 
 Guided decoding (``guided_decoding_guide_type`` / ``guided_decoding_guide``: json,
 json_schema, regex, ebnf_grammar) runs on vLLM's xgrammar backend; logprobs
@@ -396,6 +397,10 @@ class TritonPythonModel:
         from vllm.exceptions import VLLMClientError
         from vllm.v1.engine.exceptions import EngineDeadError
 
+        if sender.is_cancelled():  # the client left while the request waited for the loop
+            self.cancelled_metric.increment(1)
+            sender.send(flags=FINAL)
+            return
         rid = uuid.uuid4().hex
         live = Live(sender)
         self.live[rid] = live
@@ -403,7 +408,12 @@ class TritonPythonModel:
         try:
             await self._generate(rid, live, job)
         except asyncio.CancelledError:
-            # generate() aborted the request in the engine before re-raising.
+            # generate() aborts the request in the engine before re-raising, except when cancelled
+            # while still adding it (its output queue not made yet): abort it by our id then too.
+            try:
+                await self.engine.abort(rid)
+            except Exception as exc:
+                pb_utils.Logger.log_warn(f"{self.model_name}: abort after cancellation: {exc!r}")
             self.cancelled_metric.increment(1)
             sender.send(flags=FINAL)
         except VLLMClientError as exc:  # refused by vLLM's input processor, e.g. a guide it cannot parse
