@@ -37,9 +37,12 @@ NEW_FILE_MODE = 0o640  # the config names folders and URLs: not for every local 
 def gateway_config(
     triton_urls: str | Sequence[str],
     models: Mapping[str, tuple[str, Path | str]],
+    model_settings: Mapping[str, Any] | None = None,
     **settings: Any,
 ) -> dict[str, Any]:
     """A config mapping: ``models`` maps a served name to (Triton model, tokenizer folder).
+
+    ``model_settings`` are further keys of every model (``{"limits": {"max_in_flight": 4}}``).
 
     ``triton_urls``: one URL or several (requests rotate over them).
     ``settings`` are further top-level keys (``host``, ``port``, ``log_requests``) or
@@ -55,7 +58,10 @@ def gateway_config(
     return {
         **top,
         "triton": triton,
-        "models": {name: {"triton_model": tm, "tokenizer": str(tok)} for name, (tm, tok) in models.items()},
+        "models": {
+            name: {"triton_model": tm, "tokenizer": str(tok), **(model_settings or {})}
+            for name, (tm, tok) in models.items()
+        },
     }
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import ctypes
 import json
 import os
 import shutil
@@ -21,7 +22,7 @@ import sysconfig
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -38,6 +39,65 @@ def ports_from_env(env: Mapping[str, str] = os.environ) -> dict[str, int]:
 
 class TritonError(RuntimeError):
     """Triton could not be found, started, or made ready."""
+
+
+# The Python backend's stub processes: Triton forks them into its own process group. They
+# ignore SIGTERM, and when tritonserver is SIGKILLed they can outlive it (holding the model's
+# memory), so whoever reaps tritonserver SIGKILLs the rest of its group (``kill_group``).
+STUB_NAME = "triton_python_backend_stub"
+_PR_SET_PDEATHSIG = 1
+
+
+def _pdeathsig_setter(sig: int) -> Callable[[], None] | None:
+    """A ``preexec_fn`` that makes the child get ``sig`` when its parent thread dies (Linux).
+
+    ``prctl`` is looked up here, in the parent, so that the forked child only calls it.
+    """
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):  # not Linux/glibc: no parent-death signal
+        return None
+    prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
+    parent = os.getpid()
+
+    def preexec() -> None:
+        prctl(_PR_SET_PDEATHSIG, sig, 0, 0, 0)
+        if os.getppid() != parent:  # the parent died before prctl: act as if it came in time
+            os.kill(os.getpid(), sig)
+
+    return preexec
+
+
+def group_members(pgid: int) -> list[int]:
+    """Pids of the live processes in process group ``pgid`` (from /proc)."""
+    members = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        # pid (comm) state ppid pgrp ...: comm may hold spaces and parentheses.
+        fields = stat.rsplit(")", 1)[1].split()
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            members.append(int(entry.name))
+    return members
+
+
+def _stub_shm_regions(pids: Sequence[int]) -> set[Path]:
+    """The Python backend's shared-memory files that ``pids`` have mapped."""
+    regions = set()
+    for pid in pids:
+        try:
+            maps = Path(f"/proc/{pid}/maps").read_text()
+        except OSError:
+            continue
+        for line in maps.splitlines():
+            path = line.split(maxsplit=5)[-1] if line.count(" ") >= 5 else ""
+            if path.startswith("/dev/shm/triton_python_backend_shm_region"):
+                regions.add(Path(path.removesuffix(" (deleted)")))
+    return regions
 
 
 @dataclass(frozen=True)
@@ -152,6 +212,10 @@ class TritonServer:
     install: TritonInstall | None = None
     # The interpreter whose venv the Python stub uses (None: this one); see _python_env.
     python: Path | None = None
+    # Signal tritonserver gets when the thread that started it dies (PR_SET_PDEATHSIG; None:
+    # none). SIGTERM: it unloads its models and stops their stubs, so that a supervisor that
+    # is killed leaves nothing behind. Start it from a thread that lives as long as it should.
+    parent_death_signal: int | None = signal.SIGTERM
     process: subprocess.Popen[bytes] | None = field(default=None, init=False)
 
     @property
@@ -214,9 +278,34 @@ class TritonServer:
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 # Own process group: Ctrl-C in a terminal reaches us, and we stop Triton cleanly.
+                # The Python backend's stubs join this group (see kill_group).
                 start_new_session=True,
+                preexec_fn=_pdeathsig_setter(self.parent_death_signal) if self.parent_death_signal else None,
             )
         return self
+
+    def kill_group(self) -> list[int]:
+        """SIGKILL what is left of tritonserver's process group once tritonserver has exited
+        (the Python-backend stubs, which ignore SIGTERM), and remove the shared-memory files
+        they held. Returns the pids it killed. Call it after ``process`` has been reaped:
+        the group id stays reserved while any member lives, so it cannot hit another process.
+        """
+        proc = self.process
+        if proc is None or proc.poll() is None:
+            return []
+        left = group_members(proc.pid)
+        if not left:
+            return []
+        regions = _stub_shm_regions(left)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        deadline = time.monotonic() + 5
+        while group_members(proc.pid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        for region in regions:  # tritonserver, which unlinks them, died first
+            with contextlib.suppress(OSError):
+                region.unlink()
+        return left
 
     def log_tail(self, lines: int = 30) -> str:
         if not self.log_file or not self.log_file.exists():
@@ -252,17 +341,20 @@ class TritonServer:
 
     def stop(self, timeout: float = 30.0) -> None:
         proc = self.process
-        if proc is None or proc.poll() is not None:
+        if proc is None:
             return
-        # SIGTERM lets Triton unload models (and their stub processes) before it exits.
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
+        if proc.poll() is None:
+            # SIGTERM lets Triton unload models (and their stub processes) before it exits.
             with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+                os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+        # A stub that outlived tritonserver (it died hard, or did not wait for it).
+        self.kill_group()
 
     def __enter__(self) -> TritonServer:
         return self.start()
@@ -333,6 +425,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(" ".join(server.command()))
         return 0
     # In the foreground (systemd, a terminal): become tritonserver, so signals go straight to it.
+    # Nothing of ours stays to watch it: under systemd (llm-triton.service, KillMode=mixed) the
+    # unit's cgroup is SIGKILLed when tritonserver exits, stubs included, and the unit restarts.
     env = server.environment()
     cmd = server.command()
     os.execve(cmd[0], cmd, env)
