@@ -14,7 +14,7 @@ PIP_ARGS ?=
 
 STAMP := $(VENV)/.installed
 
-.PHONY: help setup serve smoke gpu-check test test-python test-unit test-integration lint clean
+.PHONY: help setup serve smoke gpu-check test test-python test-unit test-integration test-reliability lint clean
 
 help: ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-18s %s\n", $$1, $$2}'
@@ -54,11 +54,14 @@ test-integration: setup ## gateway + native Triton + real models
 test-python: setup ## unit + integration tests
 	$(PY) -m pytest -q tests/unit tests/integration
 
+test-reliability: setup ## overload, abandoned requests, hostile input, faults, fuzzing, soak (real Triton)
+	$(PY) -m pytest -q -s tests/reliability
+
 # Other suites (provisioning, benchmark smoke) add themselves to TEST_SUITES in mk/*.mk.
 TEST_SUITES :=
 -include mk/*.mk
 
-test: lint test-python $(TEST_SUITES) ## everything CI runs
+test: lint test-python test-reliability $(TEST_SUITES) ## everything CI runs
 
 clean: ## remove the venv and caches (converted models included)
 	rm -rf $(VENV) .venv-ansible .cache .pytest_cache .mypy_cache .ruff_cache
