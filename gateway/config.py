@@ -85,6 +85,10 @@ class TritonSettings(BaseModel):
     # Longest silence between two pieces of one answer before the request fails.
     read_timeout_s: float = Field(default=300.0, gt=0)
     max_connections: int = Field(default=256, ge=1)
+    # Whole (non-streaming) answers that may run longer than this are streamed from Triton and
+    # gathered, so that a client that leaves cancels them (Triton notices a gone client only
+    # when it writes); shorter ones are asked whole, which costs Triton and the gateway less.
+    stream_whole_answers_above_tokens: int = Field(default=64, ge=0)
 
     @field_validator("urls")
     @classmethod

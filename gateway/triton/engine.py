@@ -48,16 +48,20 @@ def _failed(what: str, message: str, req: GenerationRequest) -> APIError:
     return UpstreamError(f"{what}: {message}")
 
 
-def _streams_whole_answers(dialect: Dialect) -> bool:
-    """Whether whole answers are asked for as a stream and gathered here.
+def _streams_whole_answers(dialect: Dialect, req: GenerationRequest, above_tokens: int) -> bool:
+    """Whether a whole answer is asked for as a stream and gathered here.
 
     Triton notices that a client has gone only when it writes to it: a request answered in
     one piece at the end runs to its end even after the gateway closed the connection for a
-    client that left. Streamed, it is cancelled at the next token. Our own models (``llm``,
-    ``vllm``) stream exactly what they would answer whole; the other dialects differ between
-    the two modes (stop strings, cumulative text), so they keep answering whole.
+    client that left. Streamed, it is cancelled at the next token, but each token then costs
+    Triton and the gateway an event (3x fewer short answers per second on the bench's
+    synthetic model). So only answers that may run longer than ``above_tokens``
+    (``triton.stream_whole_answers_above_tokens``) are streamed: a short one costs little
+    when nobody waits for it. Only our own models (``llm``, ``vllm``) stream exactly what they
+    would answer whole; the other dialects differ between the two modes (stop strings,
+    cumulative text), so they keep answering whole.
     """
-    return dialect.name == "llm"
+    return not req.stream and dialect.name == "llm" and req.max_tokens > above_tokens
 
 
 def _merge(first: GenerationChunk, then: GenerationChunk) -> GenerationChunk:
@@ -153,21 +157,20 @@ class TritonEngine:
 
     # ------------------------------------------------------------------ generation
 
-    async def _open(self, triton_model: str, req: GenerationRequest) -> tuple[aiohttp.ClientResponse, Dialect]:
+    async def _open(self, triton_model: str, req: GenerationRequest) -> tuple[aiohttp.ClientResponse, Dialect, bool]:
         """POST to the first Triton that answers; fail over on connection errors."""
         last: Exception | None = None
         for _ in range(len(self.settings.urls)):
             url = next(self._urls)
             try:
                 dialect = await self.dialect(url, triton_model)
-                if not req.stream and _streams_whole_answers(dialect):
-                    req = replace(req, stream=True)
+                gathered = _streams_whole_answers(dialect, req, self.settings.stream_whole_answers_above_tokens)
                 # generate_stream for whole answers too: Triton cancels a request when its
                 # stream's connection closes, but runs a plain `generate` to the end even after
                 # the client (the gateway, for a client that left) has hung up.
                 resp = await self.session.post(
                     f"{url}/v2/models/{triton_model}/generate_stream",
-                    data=orjson.dumps(dialect.payload(req)),
+                    data=orjson.dumps(dialect.payload(replace(req, stream=True) if gathered else req)),
                     headers=_JSON,
                 )
             except UpstreamUnavailable as exc:
@@ -178,13 +181,13 @@ class TritonEngine:
                 continue
             except aiohttp.ClientError as exc:  # e.g. a reply that is not HTTP
                 raise UpstreamError(f"Triton at {url} answered with something unreadable: {exc!r}") from exc
-            return resp, dialect
+            return resp, dialect, gathered
         assert last is not None
         raise last
 
     async def generate(self, model: str, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
         triton_model = self.models[model]
-        resp, dialect = await self._open(triton_model, request)
+        resp, dialect, gathered = await self._open(triton_model, request)
         parse = dialect.parser(request)
         done = False
         whole: GenerationChunk | None = None  # a whole answer gathered from a stream
@@ -192,7 +195,7 @@ class TritonEngine:
             if resp.status != 200:
                 message = _error_message(await resp.read())
                 raise _failed(f"Triton rejected the request for {triton_model!r}", message, request)
-            if not request.stream and not _streams_whole_answers(dialect):
+            if not request.stream and not gathered:
                 # Usually one event (stream=false: the model answers once); pieces are joined.
                 for line in (await resp.read()).split(b"\n"):
                     if line.startswith(_DATA):
